@@ -1,0 +1,111 @@
+"""`trainer`: train a decoder-only language model from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from rtdlm import ckpt
+from rtdlm.metrics import record_step, training_metrics
+from rtdlm.model import PRESETS, param_count, preset
+from rtdlm.train import BYTE_VOCAB_SIZE, EvalLog, StepLog, TrainConfig, train
+from rtdlm.train.data import split_documents, stdlib_documents
+
+log = logging.getLogger("rtdlm.trainer")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="trainer",
+        description="Train an RT-DLM decoder-only transformer. With no data given it trains on "
+        "the English documentation that ships with Python, byte-level tokens.",
+    )
+    parser.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
+    parser.add_argument("--max-steps", type=int, default=None, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    parser.add_argument("--seed", type=int, default=0, help="seed for parameters and data order")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="where checkpoints are written (default: runs/PRESET-TIMESTAMP)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        model_cfg = preset(
+            args.preset,
+            vocab_size=BYTE_VOCAB_SIZE,
+            **({"seq_len": args.seq_len} if args.seq_len is not None else {}),
+        )
+        overrides = {
+            "max_steps": args.max_steps,
+            "batch_size": args.batch_size,
+            "eval_every": args.eval_every,
+        }
+        train_cfg = TrainConfig(
+            seed=args.seed, **{k: v for k, v in overrides.items() if v is not None}
+        )
+    except ValueError as error:
+        print(f"trainer: error: {error}", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    checkpoints = run_dir.resolve() / "checkpoints"
+    if ckpt.latest_step(checkpoints) is not None:
+        print(
+            f"trainer: error: {checkpoints} already holds checkpoints; "
+            "pass a new --run-dir (resuming arrives with the checkpoint lib)",
+            file=sys.stderr,
+        )
+        return 2
+
+    data = split_documents(stdlib_documents())
+    print(
+        f"preset {args.preset}: d_model={model_cfg.d_model} layers={model_cfg.num_layers} "
+        f"heads={model_cfg.num_heads} seq_len={model_cfg.seq_len} | "
+        f"data: {len(data.train):,} train / {len(data.validation):,} held-out byte tokens",
+        flush=True,
+    )
+    metrics = training_metrics(CollectorRegistry())
+    started = time.perf_counter()
+    evals: list[EvalLog] = []
+    last: StepLog | None = None
+    for event in train(model_cfg, train_cfg, data):
+        if isinstance(event, EvalLog):
+            evals.append(event)
+            print(f"step {event.step:5d} | held-out loss {event.loss:.4f}", flush=True)
+            continue
+        last = event
+        record_step(
+            metrics, event.loss, event.learning_rate, event.tokens_per_second, event.step_seconds
+        )
+        if event.step == 1:
+            print(f"parameters: {param_count(event.state.params):,}", flush=True)
+        print(
+            f"step {event.step:5d} | loss {event.loss:.4f} | lr {event.learning_rate:.2e} | "
+            f"{event.tokens_per_second:,.0f} tokens/s",
+            flush=True,
+        )
+    assert last is not None  # TrainConfig guarantees at least one step
+    ckpt.save(checkpoints, last.step, {"params": last.state.params})
+    print(
+        f"done: {last.step} steps in {time.perf_counter() - started:.1f}s | held-out loss "
+        f"{evals[0].loss:.4f} -> {evals[-1].loss:.4f} | checkpoint {checkpoints}/{last.step}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

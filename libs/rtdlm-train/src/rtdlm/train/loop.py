@@ -68,8 +68,13 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay),
+        optax.adamw(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay, mask=_decay_mask),
     )
+
+
+def _decay_mask(params: hk.Params) -> Any:
+    """Weight decay on matrices only: never on norm scales or biases."""
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
 def next_token_loss(model: hk.Transformed, params: hk.Params, windows: jax.Array) -> jax.Array:

@@ -26,7 +26,7 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "exported step 3" in capsys.readouterr().out
     with np.load(output) as weights:
         assert weights["block_0/attn/query/w.int8"].dtype == np.int8
-        assert weights["block_0/ln1/scale"].dtype == np.float32
+        assert weights["block_0/attn_norm/scale"].dtype == np.float32
 
     # Nothing is overwritten: the same run dir and the same output are refused.
     assert trainer(["--preset", "tiny", *FAST, "--run-dir", str(tmp_path / "run")]) == 2

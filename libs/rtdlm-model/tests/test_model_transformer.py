@@ -1,3 +1,4 @@
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,34 +6,106 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rtdlm.model import ModelConfig, build, param_count, preset
+from rtdlm.model import ModelConfig, build, count_params, preset
 
 SMALL = ModelConfig(
     d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=16, vocab_size=64
 )
 
 
-def test_logits_shape_and_dtype() -> None:
-    model = build(SMALL)
-    tokens = jnp.zeros((3, 16), jnp.int32)
+def init_and_apply(
+    cfg: ModelConfig, tokens: jax.Array, segment_ids: jax.Array | None = None
+) -> tuple[hk.Params, jax.Array]:
+    model = build(cfg)
     params = model.init(jax.random.PRNGKey(0), tokens)
-    logits = model.apply(params, None, tokens)
-    assert logits.shape == (3, 16, 64)
-    assert logits.dtype == jnp.float32
-    assert param_count(params) > 0
+    return params, model.apply(params, None, tokens, segment_ids)
 
 
-@settings(max_examples=10, deadline=None)
+@st.composite
+def configs(draw: st.DrawFn) -> ModelConfig:
+    kv_heads = draw(st.sampled_from([1, 2]))
+    heads = kv_heads * draw(st.sampled_from([1, 2]))
+    return ModelConfig(
+        d_model=heads * draw(st.sampled_from([2, 4, 8])),
+        num_layers=draw(st.integers(1, 2)),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        seq_len=8,
+        vocab_size=draw(st.integers(2, 50)),
+        d_ff=draw(st.none() | st.integers(1, 16)),
+        tie_embeddings=draw(st.booleans()),
+        compute_dtype=draw(st.sampled_from(["float32", "bfloat16"])),
+    )
+
+
+@settings(max_examples=8, deadline=None)
+@given(cfg=configs(), batch=st.integers(1, 3), time=st.integers(1, 8))
+def test_shapes_and_dtypes_over_random_configs(cfg: ModelConfig, batch: int, time: int) -> None:
+    tokens = jnp.zeros((batch, time), jnp.int32)
+    params, logits = init_and_apply(cfg, tokens)
+    assert logits.shape == (batch, time, cfg.vocab_size)
+    assert logits.dtype == jnp.float32  # even when computing in bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+    assert jnp.isfinite(logits).all()
+
+
+SMALL_MODEL = build(SMALL)
+SMALL_PARAMS = SMALL_MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
+small_logits = jax.jit(lambda tokens: SMALL_MODEL.apply(SMALL_PARAMS, None, tokens))
+
+
+@settings(max_examples=20, deadline=None)
 @given(t=st.integers(min_value=0, max_value=14), seed=st.integers(0, 2**16))
 def test_future_tokens_never_change_past_logits(t: int, seed: int) -> None:
-    model = build(SMALL)
-    rng = np.random.default_rng(seed)
-    tokens = jnp.asarray(rng.integers(0, 64, size=(1, 16)), jnp.int32)
-    params = model.init(jax.random.PRNGKey(0), tokens)
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, 64, size=(1, 16)), jnp.int32)
     changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 1) % 64)
-    before = model.apply(params, None, tokens)[:, : t + 1]
-    after = model.apply(params, None, changed)[:, : t + 1]
-    np.testing.assert_allclose(before, after, atol=1e-5)
+    before, after = small_logits(tokens), small_logits(changed)
+    np.testing.assert_allclose(before[:, : t + 1], after[:, : t + 1], atol=1e-5)
+    assert not np.allclose(before[:, t + 1 :], after[:, t + 1 :])
+
+
+def test_packed_documents_do_not_see_each_other() -> None:
+    rng = np.random.default_rng(0)
+    first, second = rng.integers(0, 64, size=(1, 6)), rng.integers(0, 64, size=(1, 10))
+    packed = jnp.asarray(np.concatenate([first, second], 1), jnp.int32)
+    segments = jnp.asarray([[1] * 6 + [2] * 10])
+    _, logits = init_and_apply(SMALL, packed, segments)
+    # The second document alone, at positions 0..9, gives the same logits as inside the pack.
+    _, alone = init_and_apply(SMALL, jnp.asarray(second, jnp.int32))
+    np.testing.assert_allclose(logits[:, 6:], alone, atol=1e-5)
+    # Changing the first document never changes the second document's logits.
+    other = packed.at[:, :6].set((packed[:, :6] + 7) % 64)
+    _, logits_other = init_and_apply(SMALL, other, segments)
+    np.testing.assert_allclose(logits[:, 6:], logits_other[:, 6:], atol=1e-5)
+    assert not np.allclose(logits[:, :6], logits_other[:, :6])
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_changes_memory_not_results(remat: str) -> None:
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, size=(2, 16)), jnp.int32)
+    plain, checkpointed = build(SMALL), build(ModelConfig(**{**SMALL.__dict__, "remat": remat}))
+    params = plain.init(jax.random.PRNGKey(0), tokens)
+
+    def loss(model: hk.Transformed, p: hk.Params) -> jax.Array:
+        return model.apply(p, None, tokens).mean()
+
+    grads = jax.grad(lambda p: loss(plain, p))(params)
+    grads_remat = jax.grad(lambda p: loss(checkpointed, p))(params)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_remat), strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_same_seed_same_parameters_bit_for_bit() -> None:
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    first, _ = init_and_apply(SMALL, tokens)
+    again, _ = init_and_apply(SMALL, tokens)
+    assert count_params(first) == count_params(again)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(again), strict=True
+    ):
+        assert np.array_equal(a, b)
 
 
 def test_preset_overrides_and_errors() -> None:
@@ -45,3 +118,9 @@ def test_preset_overrides_and_errors() -> None:
         preset("tiny", num_heads=3)
     with pytest.raises(ValueError, match="num_kv_heads"):
         preset("tiny", num_kv_heads=3)
+    with pytest.raises(ValueError, match="model.d_model must be positive, got 0"):
+        preset("tiny", d_model=0)
+    with pytest.raises(ValueError, match="must be even for rotary"):
+        preset("tiny", d_model=12, num_heads=4, num_kv_heads=4)
+    with pytest.raises(ValueError, match="model.remat must be one of none, full, dots_saveable"):
+        preset("tiny", remat="some")

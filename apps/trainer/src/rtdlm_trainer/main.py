@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     data = split_documents(stdlib_documents())
     print(
         f"preset {args.preset}: d_model={model_cfg.d_model} layers={model_cfg.num_layers} "
-        f"heads={model_cfg.num_heads} seq_len={model_cfg.seq_len} | "
+        f"heads={model_cfg.num_heads} seq_len={model_cfg.seq_len} "
+        f"params={param_count(model_cfg):,} | "
         f"data: {len(data.train):,} train / {len(data.validation):,} held-out byte tokens",
         flush=True,
     )
@@ -90,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         record_step(
             metrics, event.loss, event.learning_rate, event.tokens_per_second, event.step_seconds
         )
-        if event.step == 1:
-            print(f"parameters: {param_count(event.state.params):,}", flush=True)
         print(
             f"step {event.step:5d} | loss {event.loss:.4f} | lr {event.learning_rate:.2e} | "
             f"{event.tokens_per_second:,.0f} tokens/s",

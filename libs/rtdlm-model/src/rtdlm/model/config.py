@@ -1,10 +1,15 @@
-"""Model configuration: one frozen dataclass and the named presets."""
+"""Model configuration: one frozen dataclass, validated on construction, and the named presets."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")  # auto: let JAX choose for the backend
+REMAT_POLICIES = ("none", "full", "dots_saveable")
 
 
 @dataclass(frozen=True)
@@ -17,13 +22,21 @@ class ModelConfig:
     num_kv_heads: int
     seq_len: int
     vocab_size: int = 256
-    mlp_ratio: float = 4.0
+    d_ff: int | None = None  # SwiGLU width; None: 8/3 d_model rounded up to a multiple of 256
+    rope_base: float = 10_000.0
     tie_embeddings: bool = True
+    compute_dtype: str = "float32"  # parameters always stay float32; logits and loss too
+    attention: str = "xla"
+    remat: str = "none"
+    norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "num_layers", "num_heads", "num_kv_heads", "seq_len", "vocab_size"):
-            if getattr(self, name) <= 0:
+        sizes = ("d_model", "num_layers", "num_heads", "num_kv_heads", "seq_len", "vocab_size")
+        for name in (*sizes, "rope_base", "norm_eps"):
+            if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.d_ff is not None and self.d_ff <= 0:
+            raise ValueError(f"model.d_ff must be positive, got {self.d_ff}")
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"model.num_heads ({self.num_heads}) must divide model.d_model ({self.d_model})"
@@ -33,20 +46,45 @@ class ModelConfig:
                 f"model.num_kv_heads ({self.num_kv_heads}) must divide "
                 f"model.num_heads ({self.num_heads})"
             )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"model.d_model / model.num_heads = {self.head_dim} must be even for rotary "
+                "embeddings"
+            )
+        for name, choices in (
+            ("compute_dtype", COMPUTE_DTYPES),
+            ("attention", ATTENTION_IMPLS),
+            ("remat", REMAT_POLICIES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"model.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
     @property
-    def d_ff(self) -> int:
-        return int(self.mlp_ratio * self.d_model)
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        return 256 * math.ceil(8 * self.d_model / 3 / 256)
 
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, seq_len=256),
-    "small": ModelConfig(d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, seq_len=1024),
-    "medium": ModelConfig(d_model=1024, num_layers=24, num_heads=16, num_kv_heads=8, seq_len=2048),
+    "small": ModelConfig(
+        d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, seq_len=1024, d_ff=2304
+    ),
+    "medium": ModelConfig(
+        d_model=1024,
+        num_layers=24,
+        num_heads=16,
+        num_kv_heads=8,
+        seq_len=2048,
+        tie_embeddings=False,
+    ),
     "large": ModelConfig(
         d_model=2048,
         num_layers=24,

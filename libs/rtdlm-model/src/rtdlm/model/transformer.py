@@ -1,58 +1,133 @@
-"""A pre-norm decoder-only transformer in Haiku, small enough to read on one screen."""
+"""A decoder-only transformer in Haiku: pre-norm RMSNorm blocks, rotary positions,
+grouped-query attention and a SwiGLU MLP, small enough to read on one screen.
+
+Parameters are created and stored in float32; they are cast to `compute_dtype` where they are
+read, and the logits come back in float32 (mixed precision without global policy state).
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import haiku as hk
 import jax
+import jax.numpy as jnp
 
 from rtdlm.model.config import ModelConfig
 
+REMAT = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
-def causal_self_attention(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+
+def rms_norm(x: jax.Array, cfg: ModelConfig, name: str) -> jax.Array:
+    """RMSNorm computed in float32 whatever the compute dtype, for stability."""
+    y = hk.RMSNorm(axis=-1, eps=cfg.norm_eps, name=name)(x.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotates feature pairs of x [batch, time, heads, head_dim] by position-dependent angles."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, time, half]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def causal_self_attention(
+    x: jax.Array, positions: jax.Array, mask: jax.Array | None, cfg: ModelConfig
+) -> jax.Array:
     batch, time, _ = x.shape
     q = hk.Linear(cfg.num_heads * cfg.head_dim, with_bias=False, name="query")(x)
     k = hk.Linear(cfg.num_kv_heads * cfg.head_dim, with_bias=False, name="key")(x)
     v = hk.Linear(cfg.num_kv_heads * cfg.head_dim, with_bias=False, name="value")(x)
-    q = q.reshape(batch, time, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(batch, time, cfg.num_kv_heads, cfg.head_dim)
+    q = apply_rotary(q.reshape(batch, time, cfg.num_heads, cfg.head_dim), positions, cfg.rope_base)
+    k = apply_rotary(k.reshape(batch, time, cfg.num_kv_heads, -1), positions, cfg.rope_base)
     v = v.reshape(batch, time, cfg.num_kv_heads, cfg.head_dim)
     # Grouped-query attention: dot_product_attention shares each kv head across its query group.
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    y = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        is_causal=mask is None,
+        implementation=None if cfg.attention == "auto" else cfg.attention,  # type: ignore[arg-type]
+    )
     return hk.Linear(cfg.d_model, with_bias=False, name="out")(y.reshape(batch, time, -1))
 
 
-def mlp(x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    h = jax.nn.gelu(hk.Linear(cfg.d_ff, name="up")(x))
-    return hk.Linear(cfg.d_model, name="down")(h)
+def swiglu_mlp(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    gate = hk.Linear(cfg.ffn_dim, with_bias=False, name="gate")(x)
+    up = hk.Linear(cfg.ffn_dim, with_bias=False, name="up")(x)
+    return hk.Linear(cfg.d_model, with_bias=False, name="down")(jax.nn.silu(gate) * up)
 
 
-def block(x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    x = x + hk.to_module(causal_self_attention)(name="attn")(hk.RMSNorm(-1, name="ln1")(x), cfg)
-    return x + hk.to_module(mlp)(name="mlp")(hk.RMSNorm(-1, name="ln2")(x), cfg)
+def block(
+    x: jax.Array, positions: jax.Array, mask: jax.Array | None, cfg: ModelConfig
+) -> jax.Array:
+    attn = hk.to_module(causal_self_attention)(name="attn")
+    mlp = hk.to_module(swiglu_mlp)(name="mlp")
+    x = x + attn(rms_norm(x, cfg, "attn_norm"), positions, mask, cfg)
+    return x + mlp(rms_norm(x, cfg, "mlp_norm"), cfg)
 
 
-def forward(tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Logits of shape [batch, time, vocab] for integer tokens of shape [batch, time]."""
-    _, time = tokens.shape
-    embed = hk.Embed(
-        cfg.vocab_size, cfg.d_model, w_init=hk.initializers.TruncatedNormal(0.02), name="embed"
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[batch, 1, time, time]: causal, and only within the same packed document."""
+    time = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((time, time), dtype=bool))
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal & same_segment)[:, None]
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where each packed document starts."""
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
     )
-    positions = hk.get_parameter(
-        "positions", [cfg.seq_len, cfg.d_model], init=hk.initializers.TruncatedNormal(0.02)
-    )
-    x = embed(tokens) + positions[:time]
-    for layer in range(cfg.num_layers):
-        x = hk.to_module(block)(name=f"block_{layer}")(x, cfg)
-    x = hk.RMSNorm(-1, name="ln_f")(x)
-    if cfg.tie_embeddings:
-        return x @ embed.embeddings.T
-    return hk.Linear(cfg.vocab_size, with_bias=False, name="unembed")(x)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+
+
+def forward(tokens: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | None = None) -> jax.Array:
+    """float32 logits [batch, time, vocab] for integer tokens [batch, time]. With segment_ids,
+    packed documents never attend to each other and each one's positions start at 0."""
+    compute = jnp.dtype(cfg.compute_dtype)
+
+    def create_float32(next_creator: Any, shape: Any, dtype: Any, init: Any, context: Any) -> Any:
+        return next_creator(shape, jnp.float32, init)
+
+    def cast_to_compute(next_getter: Any, value: jax.Array, context: Any) -> Any:
+        return next_getter(
+            value.astype(compute) if jnp.issubdtype(value.dtype, jnp.floating) else value
+        )
+
+    with hk.custom_creator(create_float32), hk.custom_getter(cast_to_compute):
+        embed = hk.Embed(
+            cfg.vocab_size, cfg.d_model, w_init=hk.initializers.TruncatedNormal(0.02), name="embed"
+        )
+        x = embed(tokens)
+        if segment_ids is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            mask = None
+        else:
+            positions, mask = segment_positions(segment_ids), attention_mask(segment_ids)
+        for layer in range(cfg.num_layers):
+            layer_fn = hk.to_module(block)(name=f"block_{layer}")
+            if cfg.remat != "none":
+                layer_fn = hk.remat(layer_fn, policy=REMAT[cfg.remat], static_argnums=(3,))
+            x = layer_fn(x, positions, mask, cfg)
+        x = rms_norm(x, cfg, "final_norm")
+        if cfg.tie_embeddings:
+            logits = x @ embed.embeddings.T
+        else:
+            logits = hk.Linear(cfg.vocab_size, with_bias=False, name="unembed")(x)
+    return logits.astype(jnp.float32)
 
 
 def build(cfg: ModelConfig) -> hk.Transformed:
-    """The pure (init, apply) pair for a config; apply takes (params, rng, tokens)."""
-    return hk.transform(lambda tokens: forward(tokens, cfg))
+    """The pure (init, apply) pair; apply takes (params, rng, tokens[, segment_ids])."""
+    return hk.transform(lambda tokens, segment_ids=None: forward(tokens, cfg, segment_ids))
 
 
-def param_count(params: hk.Params) -> int:
+def count_params(params: hk.Params) -> int:
     return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

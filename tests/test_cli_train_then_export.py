@@ -17,6 +17,7 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "step     0 | held-out loss" in out
     assert "step     3 | loss" in out and "tokens/s" in out
     assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+    assert "sample: 'The " in out  # text generated with the KV cache after training
 
     output = tmp_path / "tiny-int8.npz"
     assert (

@@ -8,12 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from rtdlm import ckpt
 from rtdlm.metrics import record_step, training_metrics
-from rtdlm.model import PRESETS, param_count, preset
-from rtdlm.train import BYTE_VOCAB_SIZE, EvalLog, StepLog, TrainConfig, train
+from rtdlm.model import PRESETS, generate, param_count, preset
+from rtdlm.train import BYTE_VOCAB_SIZE, EvalLog, StepLog, TrainConfig, decode, encode, train
 from rtdlm.train.data import split_documents, stdlib_documents
 
 log = logging.getLogger("rtdlm.trainer")
@@ -31,6 +33,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
     parser.add_argument("--seed", type=int, default=0, help="seed for parameters and data order")
+    parser.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=120,
+        help="bytes of text to generate after training (0: none)",
+    )
     parser.add_argument(
         "--run-dir",
         type=Path,
@@ -98,6 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     assert last is not None  # TrainConfig guarantees at least one step
     ckpt.save(checkpoints, last.step, {"params": last.state.params})
+    if args.sample_tokens > 0:
+        prompt = "The "
+        budget = min(args.sample_tokens, model_cfg.seq_len - len(prompt))
+        sample = generate(
+            last.state.params,
+            encode(prompt)[None],
+            jax.random.PRNGKey(args.seed),
+            cfg=model_cfg,
+            max_new_tokens=budget,
+            temperature=0.8,
+            top_k=40,
+        )
+        print(f"sample: {prompt + decode(np.asarray(sample.tokens[0]))!r}", flush=True)
     print(
         f"done: {last.step} steps in {time.perf_counter() - started:.1f}s | held-out loss "
         f"{evals[0].loss:.4f} -> {evals[-1].loss:.4f} | checkpoint {checkpoints}/{last.step}",

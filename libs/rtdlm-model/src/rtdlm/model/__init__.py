@@ -8,18 +8,34 @@ from rtdlm.model.accounting import (
     param_count,
 )
 from rtdlm.model.config import PRESETS, ModelConfig, preset
-from rtdlm.model.transformer import build, count_params, forward
+from rtdlm.model.generate import Generation, generate, sample
+from rtdlm.model.transformer import (
+    KVCache,
+    build,
+    build_decoder,
+    count_params,
+    decode,
+    forward,
+    init_cache,
+)
 
 __all__ = [
     "PRESETS",
+    "Generation",
+    "KVCache",
     "MemoryEstimate",
     "ModelConfig",
     "build",
+    "build_decoder",
     "count_params",
+    "decode",
     "flops_per_token",
     "forward",
+    "generate",
+    "init_cache",
     "memory_estimate",
     "non_embedding_params",
     "param_count",
     "preset",
+    "sample",
 ]

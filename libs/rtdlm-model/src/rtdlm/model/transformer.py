@@ -7,7 +7,7 @@ read, and the logits come back in float32 (mixed precision without global policy
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import haiku as hk
 import jax
@@ -34,9 +34,24 @@ def apply_rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every layer for the first `length` positions of each sequence."""
+
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array
+    length: jax.Array  # int32 scalar
+
+
+LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k, v, length) of one layer
+
+
 def causal_self_attention(
-    x: jax.Array, positions: jax.Array, mask: jax.Array | None, cfg: ModelConfig
-) -> jax.Array:
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array | None,
+    cfg: ModelConfig,
+    cache: LayerCache | None = None,
+) -> tuple[jax.Array, LayerCache | None]:
     batch, time, _ = x.shape
     q = hk.Linear(cfg.num_heads * cfg.head_dim, with_bias=False, name="query")(x)
     k = hk.Linear(cfg.num_kv_heads * cfg.head_dim, with_bias=False, name="key")(x)
@@ -44,6 +59,13 @@ def causal_self_attention(
     q = apply_rotary(q.reshape(batch, time, cfg.num_heads, cfg.head_dim), positions, cfg.rope_base)
     k = apply_rotary(k.reshape(batch, time, cfg.num_kv_heads, -1), positions, cfg.rope_base)
     v = v.reshape(batch, time, cfg.num_kv_heads, cfg.head_dim)
+    if (
+        cache is not None
+    ):  # decoding: append to the cache, attend over all of it (mask says how far)
+        k_cache, v_cache, length = cache
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, length, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, length, 0, 0))
+        cache = (k, v, length)
     # Grouped-query attention: dot_product_attention shares each kv head across its query group.
     y = jax.nn.dot_product_attention(
         q,
@@ -53,7 +75,7 @@ def causal_self_attention(
         is_causal=mask is None,
         implementation=None if cfg.attention == "auto" else cfg.attention,  # type: ignore[arg-type]
     )
-    return hk.Linear(cfg.d_model, with_bias=False, name="out")(y.reshape(batch, time, -1))
+    return hk.Linear(cfg.d_model, with_bias=False, name="out")(y.reshape(batch, time, -1)), cache
 
 
 def swiglu_mlp(x: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -63,12 +85,17 @@ def swiglu_mlp(x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def block(
-    x: jax.Array, positions: jax.Array, mask: jax.Array | None, cfg: ModelConfig
-) -> jax.Array:
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array | None,
+    cfg: ModelConfig,
+    cache: LayerCache | None = None,
+) -> tuple[jax.Array, LayerCache | None]:
     attn = hk.to_module(causal_self_attention)(name="attn")
     mlp = hk.to_module(swiglu_mlp)(name="mlp")
-    x = x + attn(rms_norm(x, cfg, "attn_norm"), positions, mask, cfg)
-    return x + mlp(rms_norm(x, cfg, "mlp_norm"), cfg)
+    y, cache = attn(rms_norm(x, cfg, "attn_norm"), positions, mask, cfg, cache)
+    x = x + y
+    return x + mlp(rms_norm(x, cfg, "mlp_norm"), cfg), cache
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -88,45 +115,89 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
-def forward(tokens: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | None = None) -> jax.Array:
-    """float32 logits [batch, time, vocab] for integer tokens [batch, time]. With segment_ids,
-    packed documents never attend to each other and each one's positions start at 0."""
+def transformer(
+    tokens: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array | None,
+    cfg: ModelConfig,
+    cache: KVCache | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """The network itself: float32 logits, and the updated cache when decoding."""
     compute = jnp.dtype(cfg.compute_dtype)
 
     def create_float32(next_creator: Any, shape: Any, dtype: Any, init: Any, context: Any) -> Any:
         return next_creator(shape, jnp.float32, init)
 
     def cast_to_compute(next_getter: Any, value: jax.Array, context: Any) -> Any:
-        return next_getter(
-            value.astype(compute) if jnp.issubdtype(value.dtype, jnp.floating) else value
-        )
+        floating = jnp.issubdtype(value.dtype, jnp.floating)
+        return next_getter(value.astype(compute) if floating else value)
 
     with hk.custom_creator(create_float32), hk.custom_getter(cast_to_compute):
         embed = hk.Embed(
             cfg.vocab_size, cfg.d_model, w_init=hk.initializers.TruncatedNormal(0.02), name="embed"
         )
         x = embed(tokens)
-        if segment_ids is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-            mask = None
-        else:
-            positions, mask = segment_positions(segment_ids), attention_mask(segment_ids)
+        new_k, new_v = [], []
         for layer in range(cfg.num_layers):
             layer_fn = hk.to_module(block)(name=f"block_{layer}")
+            if cache is not None:
+                x, (k, v, _) = layer_fn(
+                    x, positions, mask, cfg, (cache.k[layer], cache.v[layer], cache.length)
+                )
+                new_k.append(k)
+                new_v.append(v)
+                continue
             if cfg.remat != "none":
                 layer_fn = hk.remat(layer_fn, policy=REMAT[cfg.remat], static_argnums=(3,))
-            x = layer_fn(x, positions, mask, cfg)
+            x, _ = layer_fn(x, positions, mask, cfg)
         x = rms_norm(x, cfg, "final_norm")
         if cfg.tie_embeddings:
             logits = x @ embed.embeddings.T
         else:
             logits = hk.Linear(cfg.vocab_size, with_bias=False, name="unembed")(x)
-    return logits.astype(jnp.float32)
+    if cache is not None:
+        length = cache.length + tokens.shape[1]
+        cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), length)
+    return logits.astype(jnp.float32), cache
+
+
+def forward(tokens: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | None = None) -> jax.Array:
+    """float32 logits [batch, time, vocab] for integer tokens [batch, time]. With segment_ids,
+    packed documents never attend to each other and each one's positions start at 0."""
+    if segment_ids is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return transformer(tokens, positions, None, cfg)[0]
+    return transformer(tokens, segment_positions(segment_ids), attention_mask(segment_ids), cfg)[0]
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.compute_dtype)
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+
+
+def decode(tokens: jax.Array, cfg: ModelConfig, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Logits for `tokens` [batch, time] following the cached ones, and the grown cache.
+
+    Prefill passes the whole prompt at once; generation then passes one token at a time.
+    """
+    time, max_len = tokens.shape[1], cache.k.shape[2]
+    query_positions = cache.length + jnp.arange(time)
+    mask = (jnp.arange(max_len)[None, :] <= query_positions[:, None])[None, None]
+    positions = jnp.broadcast_to(query_positions, tokens.shape)
+    logits, new_cache = transformer(tokens, positions, mask, cfg, cache)
+    assert new_cache is not None
+    return logits, new_cache
 
 
 def build(cfg: ModelConfig) -> hk.Transformed:
     """The pure (init, apply) pair; apply takes (params, rng, tokens[, segment_ids])."""
     return hk.transform(lambda tokens, segment_ids=None: forward(tokens, cfg, segment_ids))
+
+
+def build_decoder(cfg: ModelConfig) -> hk.Transformed:
+    """apply(params, rng, tokens, cache) -> (logits, cache), with the same params as build."""
+    return hk.transform(lambda tokens, cache: decode(tokens, cfg, cache))
 
 
 def count_params(params: hk.Params) -> int:

@@ -1,0 +1,93 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtdlm.model import ModelConfig, build, build_decoder, generate, init_cache, sample
+
+CFG = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=24, vocab_size=50)
+MODEL = build(CFG)
+PARAMS = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 50, size=(3, 16)), jnp.int32)
+
+
+def test_cached_decoding_equals_the_full_forward_at_every_position() -> None:
+    full = MODEL.apply(PARAMS, None, TOKENS)
+    decoder = build_decoder(CFG)
+    step = jax.jit(lambda tokens, cache: decoder.apply(PARAMS, None, tokens, cache))
+    prefill, cache = step(TOKENS[:, :5], init_cache(CFG, 3, 16))
+    cached = [prefill]
+    for t in range(5, 16):
+        logits, cache = step(TOKENS[:, t : t + 1], cache)
+        cached.append(logits)
+    assert int(cache.length) == 16
+    # float32 throughout; the two paths differ only in summation order.
+    np.testing.assert_allclose(jnp.concatenate(cached, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def greedy_by_full_forward(prompt: jax.Array, steps: int) -> jax.Array:
+    tokens = prompt
+    for _ in range(steps):
+        next_token = jnp.argmax(MODEL.apply(PARAMS, None, tokens)[:, -1], axis=-1)
+        tokens = jnp.concatenate([tokens, next_token[:, None]], axis=1)
+    return tokens[:, prompt.shape[1] :]
+
+
+def test_greedy_generation_matches_recomputing_everything() -> None:
+    out = generate(
+        PARAMS, TOKENS[:, :4], jax.random.PRNGKey(1), cfg=CFG, max_new_tokens=6, temperature=0.0
+    )
+    np.testing.assert_array_equal(out.tokens, greedy_by_full_forward(TOKENS[:, :4], 6))
+    np.testing.assert_array_equal(out.lengths, [6, 6, 6])
+    # top_k=1 and a tiny top_p both collapse sampling to greedy.
+    for cut in ({"top_k": 1}, {"top_p": 1e-6}):
+        sampled = generate(
+            PARAMS, TOKENS[:, :4], jax.random.PRNGKey(2), cfg=CFG, max_new_tokens=6, **cut
+        )
+        np.testing.assert_array_equal(sampled.tokens, out.tokens)
+
+
+def test_sampling_is_deterministic_for_a_key() -> None:
+    def run(seed: int) -> jax.Array:
+        key = jax.random.PRNGKey(seed)
+        return generate(
+            PARAMS, TOKENS[:, :4], key, cfg=CFG, max_new_tokens=8, temperature=2.0
+        ).tokens
+
+    np.testing.assert_array_equal(run(3), run(3))
+    assert not np.array_equal(run(3), run(4))
+
+
+def test_generation_stops_at_the_end_token() -> None:
+    greedy = generate(
+        PARAMS, TOKENS[:, :4], jax.random.PRNGKey(0), cfg=CFG, max_new_tokens=6, temperature=0.0
+    )
+    end = int(greedy.tokens[0, 2])  # the first row produces this token at its third step
+    out = generate(
+        PARAMS,
+        TOKENS[:, :4],
+        jax.random.PRNGKey(0),
+        cfg=CFG,
+        max_new_tokens=6,
+        temperature=0.0,
+        end_token=end,
+    )
+    first_end = int(np.argmax(np.asarray(greedy.tokens[0]) == end))
+    assert int(out.lengths[0]) == first_end + 1
+    assert (np.asarray(out.tokens[0, first_end:]) == end).all()
+    for row in range(3):  # every row is its greedy continuation up to and including its end
+        n = int(out.lengths[row])
+        np.testing.assert_array_equal(out.tokens[row, :n], greedy.tokens[row, :n])
+
+
+def test_top_k_never_samples_outside_the_top_k() -> None:
+    logits = jnp.asarray(np.random.default_rng(5).normal(size=(64, 50)), jnp.float32)
+    allowed = jax.lax.top_k(logits, 3)[1]
+    for seed in range(5):
+        tokens = sample(logits, jax.random.PRNGKey(seed), temperature=1.0, top_k=3, top_p=1.0)
+        assert (tokens[:, None] == allowed).any(axis=1).all()
+
+
+def test_too_long_a_request_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="exceeds the model's seq_len"):
+        generate(PARAMS, TOKENS[:, :4], jax.random.PRNGKey(0), cfg=CFG, max_new_tokens=30)

@@ -33,3 +33,14 @@ def test_same_seed_same_numbers_bit_for_bit() -> None:
 def test_invalid_train_config_names_the_field() -> None:
     with pytest.raises(ValueError, match="train.batch_size must be positive"):
         TrainConfig(batch_size=0)
+
+
+def test_a_mixture_of_experts_model_trains_with_its_auxiliary_losses() -> None:
+    moe = ModelConfig(**{**MODEL.__dict__, "num_layers": 2, "moe_every": 2, "num_experts": 4})
+    cfg = TrainConfig(batch_size=4, learning_rate=3e-3, warmup_steps=2, max_steps=12, eval_every=12)
+    logs = list(train(moe, cfg, split_documents(stdlib_documents())))
+    steps = [x for x in logs if isinstance(x, StepLog)]
+    evals = [x for x in logs if isinstance(x, EvalLog)]
+    assert all(np.isfinite(s.loss) for s in steps)
+    assert evals[-1].loss < evals[0].loss
+    assert "block_1/moe/router" in steps[-1].state.params

@@ -9,10 +9,12 @@ from rtdlm.model.accounting import (
 )
 from rtdlm.model.config import PRESETS, ModelConfig, preset
 from rtdlm.model.generate import Generation, generate, sample
+from rtdlm.model.moe import MoEStats
 from rtdlm.model.transformer import (
     KVCache,
     build,
     build_decoder,
+    build_with_stats,
     count_params,
     decode,
     forward,
@@ -25,8 +27,10 @@ __all__ = [
     "KVCache",
     "MemoryEstimate",
     "ModelConfig",
+    "MoEStats",
     "build",
     "build_decoder",
+    "build_with_stats",
     "count_params",
     "decode",
     "flops_per_token",

@@ -13,15 +13,20 @@ from rtdlm.model.config import ModelConfig
 BYTES = {"float32": 4, "bfloat16": 2}
 
 
-def layer_params(cfg: ModelConfig) -> int:
+def layer_params(cfg: ModelConfig, layer: int, active_only: bool = False) -> int:
+    """Parameters of one block; with active_only, only the experts a token actually uses."""
     attention = cfg.d_model * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
     mlp = 3 * cfg.d_model * cfg.ffn_dim
+    if cfg.is_moe_layer(layer):
+        experts = cfg.experts_per_token if active_only else cfg.num_experts
+        mlp = mlp * experts + cfg.d_model * cfg.num_experts  # plus the router
     return attention + mlp + 2 * cfg.d_model  # two RMSNorm scales
 
 
-def non_embedding_params(cfg: ModelConfig) -> int:
+def non_embedding_params(cfg: ModelConfig, active_only: bool = False) -> int:
     """Blocks and the final norm: the number model sizes are usually quoted by."""
-    return cfg.num_layers * layer_params(cfg) + cfg.d_model
+    blocks = sum(layer_params(cfg, layer, active_only) for layer in range(cfg.num_layers))
+    return blocks + cfg.d_model
 
 
 def param_count(cfg: ModelConfig) -> int:
@@ -37,7 +42,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     pairs are masked (as in the PaLM MFU convention's causal variant).
     """
     seq_len = cfg.seq_len if seq_len is None else seq_len
-    matmul_params = non_embedding_params(cfg) - cfg.d_model * (2 * cfg.num_layers + 1)
+    norms = cfg.d_model * (2 * cfg.num_layers + 1)
+    matmul_params = non_embedding_params(cfg, active_only=True) - norms  # MoE: the used experts
     forward = 2 * (matmul_params + cfg.vocab_size * cfg.d_model)
     forward += 2 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim  # QK^T and AV, halved
     return 3.0 * forward

@@ -29,14 +29,28 @@ class ModelConfig:
     attention: str = "xla"
     remat: str = "none"
     norm_eps: float = 1e-6
+    moe_every: int = 0  # every N-th block's MLP is a mixture of experts; 0: none
+    num_experts: int = 8
+    experts_per_token: int = 2
+    capacity_factor: float = 1.25
 
     def __post_init__(self) -> None:
         sizes = ("d_model", "num_layers", "num_heads", "num_kv_heads", "seq_len", "vocab_size")
-        for name in (*sizes, "rope_base", "norm_eps"):
+        for name in (*sizes, "rope_base", "norm_eps", "num_experts", "experts_per_token"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.d_ff is not None and self.d_ff <= 0:
             raise ValueError(f"model.d_ff must be positive, got {self.d_ff}")
+        if self.moe_every < 0 or not self.capacity_factor > 0:
+            raise ValueError(
+                f"model.moe_every must be >= 0 and model.capacity_factor > 0, got "
+                f"{self.moe_every} and {self.capacity_factor}"
+            )
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"model.experts_per_token ({self.experts_per_token}) cannot exceed "
+                f"model.num_experts ({self.num_experts})"
+            )
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"model.num_heads ({self.num_heads}) must divide model.d_model ({self.d_model})"
@@ -64,6 +78,9 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
 
     @property
     def ffn_dim(self) -> int:

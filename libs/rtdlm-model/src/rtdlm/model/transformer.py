@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rtdlm.model.config import ModelConfig
+from rtdlm.model.moe import MoEStats, moe_mlp
 
 REMAT = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
@@ -89,13 +90,17 @@ def block(
     positions: jax.Array,
     mask: jax.Array | None,
     cfg: ModelConfig,
+    use_moe: bool,
     cache: LayerCache | None = None,
-) -> tuple[jax.Array, LayerCache | None]:
+) -> tuple[jax.Array, LayerCache | None, MoEStats]:
     attn = hk.to_module(causal_self_attention)(name="attn")
-    mlp = hk.to_module(swiglu_mlp)(name="mlp")
     y, cache = attn(rms_norm(x, cfg, "attn_norm"), positions, mask, cfg, cache)
     x = x + y
-    return x + mlp(rms_norm(x, cfg, "mlp_norm"), cfg), cache
+    if use_moe:
+        y, stats = hk.to_module(moe_mlp)(name="moe")(rms_norm(x, cfg, "mlp_norm"), cfg)
+        return x + y, cache, stats
+    y = hk.to_module(swiglu_mlp)(name="mlp")(rms_norm(x, cfg, "mlp_norm"), cfg)
+    return x + y, cache, MoEStats.zeros()
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -121,8 +126,8 @@ def transformer(
     mask: jax.Array | None,
     cfg: ModelConfig,
     cache: KVCache | None = None,
-) -> tuple[jax.Array, KVCache | None]:
-    """The network itself: float32 logits, and the updated cache when decoding."""
+) -> tuple[jax.Array, KVCache | None, MoEStats]:
+    """The network itself: float32 logits, the updated cache when decoding, MoE statistics."""
     compute = jnp.dtype(cfg.compute_dtype)
 
     def create_float32(next_creator: Any, shape: Any, dtype: Any, init: Any, context: Any) -> Any:
@@ -137,19 +142,20 @@ def transformer(
             cfg.vocab_size, cfg.d_model, w_init=hk.initializers.TruncatedNormal(0.02), name="embed"
         )
         x = embed(tokens)
-        new_k, new_v = [], []
+        new_k, new_v, stats = [], [], MoEStats.zeros()
         for layer in range(cfg.num_layers):
             layer_fn = hk.to_module(block)(name=f"block_{layer}")
+            use_moe = cfg.is_moe_layer(layer)
             if cache is not None:
-                x, (k, v, _) = layer_fn(
-                    x, positions, mask, cfg, (cache.k[layer], cache.v[layer], cache.length)
-                )
+                layer_cache = (cache.k[layer], cache.v[layer], cache.length)
+                x, (k, v, _), layer_stats = layer_fn(x, positions, mask, cfg, use_moe, layer_cache)
                 new_k.append(k)
                 new_v.append(v)
-                continue
-            if cfg.remat != "none":
-                layer_fn = hk.remat(layer_fn, policy=REMAT[cfg.remat], static_argnums=(3,))
-            x, _ = layer_fn(x, positions, mask, cfg)
+            else:
+                if cfg.remat != "none":
+                    layer_fn = hk.remat(layer_fn, policy=REMAT[cfg.remat], static_argnums=(3, 4))
+                x, _, layer_stats = layer_fn(x, positions, mask, cfg, use_moe)
+            stats = MoEStats(*(a + b for a, b in zip(stats, layer_stats, strict=True)))
         x = rms_norm(x, cfg, "final_norm")
         if cfg.tie_embeddings:
             logits = x @ embed.embeddings.T
@@ -158,16 +164,26 @@ def transformer(
     if cache is not None:
         length = cache.length + tokens.shape[1]
         cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), length)
-    return logits.astype(jnp.float32), cache
+    return logits.astype(jnp.float32), cache, stats
+
+
+def forward_with_stats(
+    tokens: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | None = None
+) -> tuple[jax.Array, MoEStats]:
+    """float32 logits [batch, time, vocab] for integer tokens [batch, time], and the MoE losses
+    and drop counts. With segment_ids, packed documents never attend to each other and each
+    one's positions start at 0."""
+    if segment_ids is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        logits, _, stats = transformer(tokens, positions, None, cfg)
+    else:
+        positions, mask = segment_positions(segment_ids), attention_mask(segment_ids)
+        logits, _, stats = transformer(tokens, positions, mask, cfg)
+    return logits, stats
 
 
 def forward(tokens: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | None = None) -> jax.Array:
-    """float32 logits [batch, time, vocab] for integer tokens [batch, time]. With segment_ids,
-    packed documents never attend to each other and each one's positions start at 0."""
-    if segment_ids is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return transformer(tokens, positions, None, cfg)[0]
-    return transformer(tokens, segment_positions(segment_ids), attention_mask(segment_ids), cfg)[0]
+    return forward_with_stats(tokens, cfg, segment_ids)[0]
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
@@ -185,7 +201,7 @@ def decode(tokens: jax.Array, cfg: ModelConfig, cache: KVCache) -> tuple[jax.Arr
     query_positions = cache.length + jnp.arange(time)
     mask = (jnp.arange(max_len)[None, :] <= query_positions[:, None])[None, None]
     positions = jnp.broadcast_to(query_positions, tokens.shape)
-    logits, new_cache = transformer(tokens, positions, mask, cfg, cache)
+    logits, new_cache, _ = transformer(tokens, positions, mask, cfg, cache)
     assert new_cache is not None
     return logits, new_cache
 
@@ -193,6 +209,13 @@ def decode(tokens: jax.Array, cfg: ModelConfig, cache: KVCache) -> tuple[jax.Arr
 def build(cfg: ModelConfig) -> hk.Transformed:
     """The pure (init, apply) pair; apply takes (params, rng, tokens[, segment_ids])."""
     return hk.transform(lambda tokens, segment_ids=None: forward(tokens, cfg, segment_ids))
+
+
+def build_with_stats(cfg: ModelConfig) -> hk.Transformed:
+    """Like build, but apply returns (logits, MoEStats) for the training loss."""
+    return hk.transform(
+        lambda tokens, segment_ids=None: forward_with_stats(tokens, cfg, segment_ids)
+    )
 
 
 def build_decoder(cfg: ModelConfig) -> hk.Transformed:

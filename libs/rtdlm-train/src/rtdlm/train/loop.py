@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rtdlm.model import ModelConfig, build
+from rtdlm.model import ModelConfig, build_with_stats
 from rtdlm.train.data import Splits, evaluation_windows, random_windows
 
 
@@ -28,6 +29,8 @@ class TrainConfig:
     eval_every: int = 25
     eval_batches: int = 4
     seed: int = 0
+    moe_load_balance_weight: float = 0.01  # used only by models with MoE layers
+    moe_router_z_weight: float = 0.001
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "eval_every", "eval_batches"):
@@ -79,8 +82,21 @@ def _decay_mask(params: hk.Params) -> Any:
 
 def next_token_loss(model: hk.Transformed, params: hk.Params, windows: jax.Array) -> jax.Array:
     """Mean cross-entropy of predicting windows[:, 1:] from windows[:, :-1]."""
-    logits = model.apply(params, None, windows[:, :-1])
+    logits, _ = model.apply(params, None, windows[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+
+
+def training_loss(
+    model: hk.Transformed, cfg: TrainConfig, params: hk.Params, windows: jax.Array
+) -> jax.Array:
+    """Cross-entropy plus the MoE load-balancing and router z-losses (zero for dense models)."""
+    logits, moe = model.apply(params, None, windows[:, :-1])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+    return (
+        loss
+        + cfg.moe_load_balance_weight * moe.load_balance_loss
+        + (cfg.moe_router_z_weight * moe.router_z_loss)
+    )
 
 
 def init_state(
@@ -93,9 +109,11 @@ def init_state(
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
 
-def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformation) -> Any:
+def make_train_step(
+    model: hk.Transformed, optimizer: optax.GradientTransformation, cfg: TrainConfig
+) -> Any:
     def train_step(state: TrainState, windows: jax.Array) -> tuple[TrainState, jax.Array]:
-        loss, grads = jax.value_and_grad(lambda p: next_token_loss(model, p, windows))(state.params)
+        loss, grads = jax.value_and_grad(partial(training_loss, model, cfg))(state.params, windows)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state), loss
@@ -106,11 +124,11 @@ def make_train_step(model: hk.Transformed, optimizer: optax.GradientTransformati
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Splits) -> Iterator[StepLog | EvalLog]:
     """Runs cfg.max_steps steps, yielding a StepLog after each and an EvalLog on the held-out
     split before the first step, every cfg.eval_every steps and after the last."""
-    model = build(model_cfg)
+    model = build_with_stats(model_cfg)
     optimizer = make_optimizer(cfg)
     schedule = learning_rate_schedule(cfg)
     state = init_state(model, optimizer, model_cfg, cfg.seed)
-    train_step = make_train_step(model, optimizer)
+    train_step = make_train_step(model, optimizer, cfg)
     eval_loss = jax.jit(lambda params, windows: next_token_loss(model, params, windows))
     held_out = evaluation_windows(
         data.validation, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches

@@ -1,0 +1,101 @@
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rtdlm.model import ModelConfig, build, build_with_stats, param_count
+from rtdlm.model.moe import capacity, moe_mlp, route
+
+CFG = ModelConfig(
+    d_model=16, num_layers=2, num_heads=2, num_kv_heads=2, seq_len=16, vocab_size=40, d_ff=24,
+    moe_every=2, num_experts=4, experts_per_token=2,
+)  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    tokens=st.integers(1, 40),
+    experts=st.integers(2, 6),
+    k=st.integers(1, 2),
+    factor=st.floats(0.1, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_routing_weights_capacity_and_drop_count(
+    tokens: int, experts: int, k: int, factor: float, seed: int
+) -> None:
+    cfg = ModelConfig(
+        **{
+            **CFG.__dict__,
+            "num_experts": experts,
+            "experts_per_token": k,
+            "capacity_factor": factor,
+        }
+    )
+    cap = capacity(cfg, tokens)
+    logits = jnp.asarray(np.random.default_rng(seed).normal(size=(tokens, experts)), jnp.float32)
+    chosen, slot, weights, kept, stats = route(logits, cfg, cap)
+    np.testing.assert_allclose(weights.reshape(k, tokens).sum(axis=0), 1.0, rtol=1e-5)
+    assert (
+        len(set(zip(np.asarray(chosen), np.asarray(slot), strict=True))) == k * tokens
+    )  # no collisions
+    kept_per_expert = np.bincount(np.asarray(chosen)[np.asarray(kept)], minlength=experts)
+    assert (kept_per_expert <= cap).all()
+    assert int(stats.dropped) == int((~kept).sum()) and int(stats.assignments) == k * tokens
+    assert np.isfinite(stats.load_balance_loss) and np.isfinite(stats.router_z_loss)
+    assert float(stats.load_balance_loss) >= 0.99  # 1 when perfectly balanced
+
+
+def dense_reference(params: hk.Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Every expert on every token, then each token's chosen experts mixed by router weight."""
+    p = params["moe"]
+    tokens = x.reshape(-1, cfg.d_model)
+    probs = jax.nn.softmax(tokens @ params["moe/router"]["w"], axis=-1)
+    top_p, top_e = jax.lax.top_k(probs, cfg.experts_per_token)
+    weights = top_p / top_p.sum(-1, keepdims=True)
+    hidden = jax.nn.silu(jnp.einsum("nd,edf->enf", tokens, p["w_gate"]))
+    hidden = hidden * jnp.einsum("nd,edf->enf", tokens, p["w_up"])
+    every_expert = jnp.einsum("enf,efd->end", hidden, p["w_down"])  # [experts, tokens, d]
+    picked = every_expert[top_e, jnp.arange(tokens.shape[0])[:, None]]  # [tokens, k, d]
+    return (picked * weights[..., None]).sum(axis=1).reshape(x.shape)
+
+
+def test_with_room_for_everyone_nothing_drops_and_dispatch_equals_dense() -> None:
+    cfg = ModelConfig(**{**CFG.__dict__, "capacity_factor": float(CFG.num_experts)})
+    layer = hk.transform(lambda x: hk.to_module(moe_mlp)(name="moe")(x, cfg))
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 7, cfg.d_model))
+    params = layer.init(jax.random.PRNGKey(0), x)
+    y, stats = layer.apply(params, None, x)
+    assert int(stats.dropped) == 0
+    np.testing.assert_allclose(y, dense_reference(params, x, cfg), atol=1e-5)
+
+
+def test_tight_capacity_drops_and_counts() -> None:
+    cfg = ModelConfig(**{**CFG.__dict__, "capacity_factor": 0.25})
+    model = build_with_stats(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 40, size=(2, 16)), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), tokens)
+    logits, stats = model.apply(params, None, tokens)
+    assert logits.shape == (2, 16, 40) and jnp.isfinite(logits).all()
+    assert int(stats.assignments) == 2 * 16 * 2  # one MoE layer (moe_every=2 of 2 layers)
+    assert int(stats.dropped) >= int(stats.assignments) - 4 * capacity(cfg, 32)
+
+
+def test_moe_model_counts_and_trains_its_router() -> None:
+    model = build_with_stats(CFG)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 40, size=(2, 16)), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), tokens)
+    assert param_count(CFG) == sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+    def loss(p: hk.Params) -> jax.Array:
+        logits, stats = model.apply(p, None, tokens)
+        return logits.mean() + 0.01 * stats.load_balance_loss + 0.001 * stats.router_z_loss
+
+    grads = jax.grad(loss)(params)
+    assert float(jnp.abs(grads["block_1/moe/router"]["w"]).sum()) > 0
+    assert float(jnp.abs(grads["block_1/moe"]["w_gate"]).sum()) > 0
+    # The plain build shares the parameters and gives the same logits.
+    np.testing.assert_allclose(
+        build(CFG).apply(params, None, tokens), model.apply(params, None, tokens)[0]
+    )

@@ -80,10 +80,14 @@ def _decay_mask(params: hk.Params) -> Any:
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
-def next_token_loss(model: hk.Transformed, params: hk.Params, windows: jax.Array) -> jax.Array:
-    """Mean cross-entropy of predicting windows[:, 1:] from windows[:, :-1]."""
-    logits, _ = model.apply(params, None, windows[:, :-1])
+def cross_entropy(logits: jax.Array, windows: jax.Array) -> jax.Array:
+    """Mean cross-entropy of logits (for windows[:, :-1]) against the next tokens windows[:, 1:]."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+
+
+def next_token_loss(model: hk.Transformed, params: hk.Params, windows: jax.Array) -> jax.Array:
+    logits, _ = model.apply(params, None, windows[:, :-1])
+    return cross_entropy(logits, windows)
 
 
 def training_loss(
@@ -91,12 +95,11 @@ def training_loss(
 ) -> jax.Array:
     """Cross-entropy plus the MoE load-balancing and router z-losses (zero for dense models)."""
     logits, moe = model.apply(params, None, windows[:, :-1])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
-    return (
-        loss
-        + cfg.moe_load_balance_weight * moe.load_balance_loss
-        + (cfg.moe_router_z_weight * moe.router_z_loss)
+    auxiliary = (
+        cfg.moe_load_balance_weight * moe.load_balance_loss
+        + cfg.moe_router_z_weight * moe.router_z_loss
     )
+    return cross_entropy(logits, windows) + auxiliary
 
 
 def init_state(

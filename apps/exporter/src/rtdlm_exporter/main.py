@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exporter: error: {args.output} exists; pass --force to replace it", file=sys.stderr)
         return 2
     try:
-        step, tree = ckpt.restore(args.checkpoint, args.step)
+        checkpoint = ckpt.restore_params(args.checkpoint, args.step)
     except ckpt.CheckpointError as error:
         print(f"exporter: error: {error}", file=sys.stderr)
         return 2
-    params = tree["params"]
+    step, params = checkpoint.step, checkpoint.params
     quantized = quantize_params(params)
     max_error = max(
         float(np.abs(np.asarray(a) - b).max())

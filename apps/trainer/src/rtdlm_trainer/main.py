@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import jax
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = args.run_dir or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpoints = run_dir.resolve() / "checkpoints"
-    if ckpt.latest_step(checkpoints) is not None:
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
         print(
             f"trainer: error: {checkpoints} already holds checkpoints; "
             "pass a new --run-dir (resuming arrives with the checkpoint lib)",
@@ -105,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     assert last is not None  # TrainConfig guarantees at least one step
-    ckpt.save(checkpoints, last.step, {"params": last.state.params})
+    with ckpt.CheckpointManager(checkpoints) as manager:
+        manager.save(
+            last.step,
+            params=last.state.params,
+            opt_state=last.state.opt_state,
+            config={"preset": args.preset, "model": asdict(model_cfg), "train": asdict(train_cfg)},
+            metrics={"eval_loss": evals[-1].loss} if evals else None,
+        )
     if args.sample_tokens > 0:
         prompt = "The "
         budget = min(args.sample_tokens, model_cfg.seq_len - len(prompt))

@@ -1,5 +1,24 @@
-"""rtdlm.ckpt: checkpoints of training state on orbax and tensorstore."""
+"""rtdlm.ckpt: training checkpoints on orbax and tensorstore that never lose work."""
 
-from rtdlm.ckpt.checkpoints import CheckpointError, latest_step, restore, save
+from rtdlm.ckpt.manager import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointManager,
+    CorruptCheckpointError,
+    SaveInfo,
+    git_revision,
+    restore_params,
+)
+from rtdlm.ckpt.retention import Retention, retained_steps
 
-__all__ = ["CheckpointError", "latest_step", "restore", "save"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointManager",
+    "CorruptCheckpointError",
+    "Retention",
+    "SaveInfo",
+    "git_revision",
+    "restore_params",
+    "retained_steps",
+]

@@ -1,0 +1,72 @@
+"""A manifest of every file in a checkpoint with its size and SHA-256, checked before restoring.
+
+Tensorstore does not checksum what it reads back, so a flipped bit would load silently. The
+manifest is written inside orbax's temporary directory before the commit rename: a checkpoint
+that is visible always has one, and one without it was not written by rtdlm-ckpt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection
+
+from etils import epath
+
+MANIFEST = "rtdlm_manifest.json"
+# Orbax rewrites its step metadata (commit timestamp) after the commit, so it cannot be hashed;
+# it is JSON that orbax validates when it reads it.
+_UNHASHED = {MANIFEST, "_CHECKPOINT_METADATA"}
+
+
+class IntegrityError(Exception):
+    """A checkpoint's files differ from its manifest."""
+
+
+def _sha256(path: epath.Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(root: epath.Path, prefix: str = "") -> list[str]:
+    """Relative names of the files under `root`, listed level by level (no rglob on GCS)."""
+    names: list[str] = []
+    for path in sorted(root.iterdir()):
+        if path.is_dir():
+            names += _files(path, f"{prefix}{path.name}/")
+        elif path.name not in _UNHASHED:
+            names.append(prefix + path.name)
+    return names
+
+
+def write_manifest(step_dir: epath.Path) -> None:
+    files = {
+        name: {"bytes": (step_dir / name).stat().length, "sha256": _sha256(step_dir / name)}
+        for name in _files(step_dir)
+    }
+    (step_dir / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def verify(step_dir: epath.Path, items: Collection[str] | None = None) -> None:
+    """Raises IntegrityError naming the first file that is missing, truncated or altered.
+
+    `items` limits the check to those items' subdirectories (params-only loads skip the rest).
+    """
+    manifest_path = step_dir / MANIFEST
+    if not manifest_path.exists():
+        raise IntegrityError(f"it has no {MANIFEST}, so it was not completely written by rtdlm")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise IntegrityError(f"its {MANIFEST} is unreadable ({error})") from error
+    for name, expected in sorted(files.items()):
+        if items is not None and name.split("/", 1)[0] not in items:
+            continue
+        path = step_dir / name
+        if not path.exists():
+            raise IntegrityError(f"{name} is missing")
+        size = path.stat().length
+        if size != expected["bytes"]:
+            raise IntegrityError(f"{name} has {size} bytes, expected {expected['bytes']}")
+        if _sha256(path) != expected["sha256"]:
+            raise IntegrityError(f"{name} does not match its SHA-256")

@@ -1,5 +1,6 @@
 """The two apps end to end, in process: train a few steps, checkpoint, export INT8."""
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from rtdlm_exporter.main import main as exporter
 from rtdlm_trainer.main import main as trainer
 
 FAST = ["--max-steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3"]
+FAST += ["--metrics-host", "127.0.0.1", "--metrics-port", "0"]
 
 
 def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -44,6 +46,13 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
     [
         (["--preset", "huge"], "unknown preset 'huge'; choose one of tiny, small, medium, large"),
         (["--max-steps", "0"], "train.max_steps must be positive, got 0"),
+        (["--peak-flops", "-1"], "peak FLOP/s must be positive, got -1.0"),
+        (
+            ["--metrics-host", "no-such-host.invalid"],
+            "cannot serve metrics on no-such-host.invalid:8000: unknown host "
+            "'no-such-host.invalid'; use an address of this machine "
+            "such as 0.0.0.0 or 127.0.0.1",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(
@@ -62,3 +71,19 @@ def test_exporter_names_a_missing_checkpoint(
         exporter(["--checkpoint", str(tmp_path / "none"), "--output", str(tmp_path / "x.npz")]) == 2
     )
     assert "no checkpoint directory" in capsys.readouterr().err
+
+
+def test_trainer_refuses_a_metrics_port_in_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["--metrics-host", "127.0.0.1", "--metrics-port", str(port)]
+        assert trainer([*args, "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"trainer: error: cannot serve metrics on 127.0.0.1:{port}: the port is already in use; "
+        "pick another port (0 picks a free one) or disable the exporter"
+    )
+    assert not (tmp_path / "run").exists()

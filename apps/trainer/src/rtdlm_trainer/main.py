@@ -14,8 +14,14 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from rtdlm import ckpt
-from rtdlm.metrics import record_step, training_metrics
-from rtdlm.model import PRESETS, generate, param_count, preset
+from rtdlm.metrics import (
+    ExporterError,
+    MetricsServer,
+    PrometheusTrainingCallback,
+    peak_flops,
+    start_server,
+)
+from rtdlm.model import PRESETS, ModelConfig, flops_per_token, generate, param_count, preset
 from rtdlm.train import BYTE_VOCAB_SIZE, EvalLog, StepLog, TrainConfig, decode, encode, train
 from rtdlm.train.data import split_documents, stdlib_documents
 
@@ -46,6 +52,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="where checkpoints are written (default: runs/PRESET-TIMESTAMP)",
     )
+    parser.add_argument(
+        "--metrics-host", default="0.0.0.0", help="address the Prometheus endpoint listens on"
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=8000, help="Prometheus endpoint port (0: any free)"
+    )
+    parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    parser.add_argument(
+        "--peak-flops",
+        type=float,
+        default=None,
+        help="peak FLOP/s for MFU (default: table for A100/H100/H200, else a measured matmul)",
+    )
     return parser.parse_args(argv)
 
 
@@ -66,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         train_cfg = TrainConfig(
             seed=args.seed, **{k: v for k, v in overrides.items() if v is not None}
         )
+        peak = peak_flops(args.peak_flops)
     except ValueError as error:
         print(f"trainer: error: {error}", file=sys.stderr)
         return 2
@@ -73,12 +93,43 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = run_dir.resolve() / "checkpoints"
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         print(
-            f"trainer: error: {checkpoints} already holds checkpoints; "
-            "pass a new --run-dir (resuming arrives with the checkpoint lib)",
+            f"trainer: error: {checkpoints} already holds checkpoints; " "pass a new --run-dir",
             file=sys.stderr,
         )
         return 2
 
+    registry = CollectorRegistry()
+    metrics = PrometheusTrainingCallback(
+        registry,
+        run=run_dir.name,
+        process_index=jax.process_index(),
+        peak_flops_per_second=peak.flops_per_second,
+    )
+    try:
+        server = (
+            None
+            if args.no_metrics
+            else start_server(registry, args.metrics_host, args.metrics_port)
+        )
+    except ExporterError as error:
+        print(f"trainer: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return _train(args, model_cfg, train_cfg, run_dir, checkpoints, metrics, server)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _train(
+    args: argparse.Namespace,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    run_dir: Path,
+    checkpoints: Path,
+    metrics: PrometheusTrainingCallback,
+    server: MetricsServer | None,
+) -> int:
     data = split_documents(stdlib_documents())
     print(
         f"preset {args.preset}: d_model={model_cfg.d_model} layers={model_cfg.num_layers} "
@@ -87,18 +138,28 @@ def main(argv: list[str] | None = None) -> int:
         f"data: {len(data.train):,} train / {len(data.validation):,} held-out byte tokens",
         flush=True,
     )
-    metrics = training_metrics(CollectorRegistry())
+    if server is not None:
+        print(f"metrics: {server.url}", flush=True)
+    flops_per_step_token = flops_per_token(model_cfg)
     started = time.perf_counter()
     evals: list[EvalLog] = []
     last: StepLog | None = None
     for event in train(model_cfg, train_cfg, data):
         if isinstance(event, EvalLog):
             evals.append(event)
+            metrics.on_eval(event.step, loss=event.loss)
             print(f"step {event.step:5d} | held-out loss {event.loss:.4f}", flush=True)
             continue
         last = event
-        record_step(
-            metrics, event.loss, event.learning_rate, event.tokens_per_second, event.step_seconds
+        metrics.on_step(
+            event.step,
+            loss=event.loss,
+            learning_rate=event.learning_rate,
+            tokens=event.tokens,
+            step_seconds=event.step_seconds,
+            grad_norm=event.grad_norm,
+            data_wait_seconds=event.data_wait_seconds,
+            flops=flops_per_step_token * event.tokens,
         )
         print(
             f"step {event.step:5d} | loss {event.loss:.4f} | lr {event.learning_rate:.2e} | "
@@ -106,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     assert last is not None  # TrainConfig guarantees at least one step
-    with ckpt.CheckpointManager(checkpoints) as manager:
-        manager.save(
+    with ckpt.CheckpointManager(checkpoints, async_save=False) as manager:
+        saved = manager.save(
             last.step,
             params=last.state.params,
             opt_state=last.state.opt_state,
             config={"preset": args.preset, "model": asdict(model_cfg), "train": asdict(train_cfg)},
             metrics={"eval_loss": evals[-1].loss} if evals else None,
         )
+    metrics.on_checkpoint(saved.step, save_seconds=saved.blocking_seconds)
     if args.sample_tokens > 0:
         prompt = "The "
         budget = min(args.sample_tokens, model_cfg.seq_len - len(prompt))

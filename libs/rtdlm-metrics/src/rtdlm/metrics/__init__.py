@@ -1,5 +1,20 @@
-"""rtdlm.metrics: Prometheus metrics for training."""
+"""rtdlm.metrics: the Prometheus exporter, the training callback, and MFU."""
 
-from rtdlm.metrics.training import TrainingMetrics, record_step, training_metrics
+from rtdlm.metrics.callback import BATCH_TIME_BUCKETS, PrometheusTrainingCallback
+from rtdlm.metrics.exporter import ExporterError, MetricsServer, start_server
+from rtdlm.metrics.memory import device_memory, host_memory_used_bytes
+from rtdlm.metrics.mfu import Peak, measure_matmul_flops, model_flops_utilization, peak_flops
 
-__all__ = ["TrainingMetrics", "record_step", "training_metrics"]
+__all__ = [
+    "BATCH_TIME_BUCKETS",
+    "ExporterError",
+    "MetricsServer",
+    "Peak",
+    "PrometheusTrainingCallback",
+    "device_memory",
+    "host_memory_used_bytes",
+    "measure_matmul_flops",
+    "model_flops_utilization",
+    "peak_flops",
+    "start_server",
+]

@@ -53,6 +53,9 @@ class StepLog:
     learning_rate: float
     tokens_per_second: float
     step_seconds: float
+    grad_norm: float
+    data_wait_seconds: float
+    tokens: int
     state: TrainState
 
 
@@ -115,11 +118,13 @@ def init_state(
 def make_train_step(
     model: hk.Transformed, optimizer: optax.GradientTransformation, cfg: TrainConfig
 ) -> Any:
-    def train_step(state: TrainState, windows: jax.Array) -> tuple[TrainState, jax.Array]:
+    def train_step(
+        state: TrainState, windows: jax.Array
+    ) -> tuple[TrainState, jax.Array, jax.Array]:
         loss, grads = jax.value_and_grad(partial(training_loss, model, cfg))(state.params, windows)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, opt_state), loss
+        return TrainState(state.step + 1, params, opt_state), loss, optax.global_norm(grads)
 
     return jax.jit(train_step, donate_argnums=0)
 
@@ -143,9 +148,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Splits) -> Iterator[St
     batches = random_windows(data.train, cfg.batch_size, model_cfg.seq_len, cfg.seed)
     yield evaluate(0, state.params)
     for step in range(1, cfg.max_steps + 1):
-        windows = next(batches)
         start = time.perf_counter()
-        state, loss = train_step(state, windows)
+        windows = next(batches)
+        data_wait = time.perf_counter() - start
+        state, loss, grad_norm = train_step(state, windows)
         loss_value = float(loss)  # waits for the step to finish, so the timing is honest
         seconds = time.perf_counter() - start
         yield StepLog(
@@ -154,6 +160,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Splits) -> Iterator[St
             learning_rate=float(schedule(step - 1)),
             tokens_per_second=windows[:, 1:].size / seconds,
             step_seconds=seconds,
+            grad_norm=float(grad_norm),
+            data_wait_seconds=data_wait,
+            tokens=int(windows[:, 1:].size),
             state=state,
         )
         if step % cfg.eval_every == 0 or step == cfg.max_steps:

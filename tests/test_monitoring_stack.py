@@ -1,0 +1,230 @@
+"""A real training loop, a real Prometheus scraping it, a real Alertmanager receiving its alerts.
+
+Only addresses and intervals are changed from infra/monitoring's files: the compose scrape
+config points at the exporter on 127.0.0.1, scraping and rule evaluation run every second,
+and Alertmanager's receivers post to a webhook served by this test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from rtdlm.metrics import PrometheusTrainingCallback, start_server
+from rtdlm.model import flops_per_token, preset
+from rtdlm.train import BYTE_VOCAB_SIZE, EvalLog, TrainConfig, train
+from rtdlm.train.data import split_documents, stdlib_documents
+
+MONITORING = Path("infra/monitoring")
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return {s.name: s.value for f in families for s in f.samples if not s.labels.get("le")}
+
+
+@pytest.fixture
+def training() -> Iterator[tuple[PrometheusTrainingCallback, str, Callable[[], Iterator[Any]]]]:
+    registry = CollectorRegistry()
+    callback = PrometheusTrainingCallback(registry, run="stack", peak_flops_per_second=1e11)
+    server = start_server(registry, "127.0.0.1", 0)
+    model_cfg = preset("tiny", vocab_size=BYTE_VOCAB_SIZE, seq_len=32, num_layers=1)
+    train_cfg = TrainConfig(batch_size=2, max_steps=40, eval_every=10, warmup_steps=5)
+    data = split_documents(stdlib_documents())
+
+    def run_training() -> Iterator[Any]:
+        """The real loop, reporting through the callback as the trainer does; yields each log."""
+        for event in train(model_cfg, train_cfg, data):
+            if isinstance(event, EvalLog):
+                callback.on_eval(event.step, loss=event.loss)
+            else:
+                callback.on_step(
+                    event.step,
+                    loss=event.loss,
+                    learning_rate=event.learning_rate,
+                    tokens=event.tokens,
+                    step_seconds=event.step_seconds,
+                    grad_norm=event.grad_norm,
+                    data_wait_seconds=event.data_wait_seconds,
+                    flops=flops_per_token(model_cfg) * event.tokens,
+                )
+            yield event
+
+    try:
+        yield callback, server.url, run_training
+    finally:
+        server.close()
+
+
+def test_scraped_values_agree_with_what_the_loop_logged(training: Any) -> None:
+    callback, url, run_training = training
+    steps = 0
+    for event in run_training():
+        samples = scrape(url)  # over HTTP, mid-run
+        if isinstance(event, EvalLog):
+            assert samples["rtdlm_eval_loss"] == pytest.approx(event.loss)
+            continue
+        steps += 1
+        assert samples["rtdlm_training_loss"] == pytest.approx(event.loss)
+        assert samples["rtdlm_training_perplexity"] == pytest.approx(math.exp(event.loss))
+        assert samples["rtdlm_training_learning_rate"] == pytest.approx(event.learning_rate)
+        assert samples["rtdlm_gradient_norm"] == pytest.approx(event.grad_norm)
+        assert samples["rtdlm_tokens_per_second"] == pytest.approx(event.tokens_per_second)
+        assert samples["rtdlm_training_steps_total"] == steps
+        assert samples["rtdlm_training_step"] == event.step
+        assert samples["rtdlm_batch_time_seconds_count"] == steps
+        assert 0 < samples["rtdlm_model_flops_utilization"] < 1
+    assert steps == 40
+
+
+class Webhook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict]] = []
+
+    def do_POST(self) -> None:  # (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Webhook.received.append({"path": self.path, **json.loads(body)})
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def test_prometheus_scrapes_dashboard_queries_answer_and_alerts_reach_alertmanager(
+    training: Any, tool: Callable[[str], str], tmp_path: Path
+) -> None:
+    callback, url, run_training = training
+    exporter = urllib.parse.urlparse(url).netloc
+    prom_port, am_port = free_port(), free_port()
+    webhook = ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
+    threading.Thread(target=webhook.serve_forever, daemon=True).start()
+
+    am_config = yaml.safe_load((MONITORING / "alertmanager/alertmanager.yml").read_text())
+    am_config["route"]["group_wait"] = "1s"
+    for receiver in am_config["receivers"]:
+        for hook in receiver["webhook_configs"]:
+            path = urllib.parse.urlparse(hook["url"]).path
+            hook["url"] = f"http://127.0.0.1:{webhook.server_address[1]}{path}"
+    (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(am_config))
+
+    prom_config = yaml.safe_load((MONITORING / "prometheus/prometheus-compose.yml").read_text())
+    prom_config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    prom_config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [
+        f"127.0.0.1:{am_port}"
+    ]
+    prom_config["scrape_configs"][0]["static_configs"][0]["targets"] = [exporter]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom_config))
+    (tmp_path / "alerts.yml").write_text((MONITORING / "prometheus/alerts.yml").read_text())
+
+    alertmanager = start(
+        [
+            tool("prometheus-alertmanager"),
+            f"--config.file={tmp_path / 'alertmanager.yml'}",
+            f"--storage.path={tmp_path / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{am_port}",
+            "--cluster.listen-address=",
+        ],
+        tmp_path / "alertmanager.log",
+    )
+    prometheus = start(
+        [
+            tool("prometheus"),
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'prom-data'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        tmp_path / "prometheus.log",
+    )
+    api = f"http://127.0.0.1:{prom_port}/api/v1"
+
+    def query(expr: str) -> list:
+        return get_json(f"{api}/query?{urllib.parse.urlencode({'query': expr})}")["data"]["result"]
+
+    try:
+        wait_for("Prometheus", lambda: get_json(f"{api}/status/buildinfo"))
+        wait_for("the exporter to be up", lambda: [r for r in query("up") if r["value"][1] == "1"])
+        for _ in run_training():  # train while Prometheus scrapes every second
+            time.sleep(0.05)
+        wait_for("a few scrapes", lambda: query("count_over_time(rtdlm_training_loss[1m]) >= 5"))
+
+        dashboard = json.loads((MONITORING / "grafana/dashboards/rtdlm-training.json").read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$run", ".+").replace("$__rate_interval", "10s")
+                if "rtdlm_gpu_" in expr:  # no accelerator here: CPU exports host memory instead
+                    assert query(expr) == []
+                    continue
+                assert query(expr), f"panel {panel['title']!r}: no data for {expr}"
+        assert query("rtdlm:threshold:checkpoint_age_seconds")  # the thresholds are evaluated
+
+        # a NaN step: RtdlmNonFiniteLoss has no `for`, so it fires at the next evaluation
+        callback.on_step(41, loss=math.nan, learning_rate=1e-4, tokens=64, step_seconds=0.1)
+        wait_for(
+            "the alert in Prometheus",
+            lambda: query('ALERTS{alertname="RtdlmNonFiniteLoss", alertstate="firing"}'),
+        )
+        alerts = wait_for(
+            "the alert in Alertmanager",
+            lambda: [
+                a
+                for a in get_json(f"http://127.0.0.1:{am_port}/api/v2/alerts")
+                if a["labels"]["alertname"] == "RtdlmNonFiniteLoss"
+            ],
+        )
+        assert (
+            alerts[0]["labels"]["run"] == "stack" and alerts[0]["labels"]["severity"] == "critical"
+        )
+        delivered = wait_for(
+            "the webhook notification",
+            lambda: [n for n in Webhook.received if n["path"] == "/oncall"],  # critical route
+        )
+        assert delivered[0]["alerts"][0]["labels"]["alertname"] == "RtdlmNonFiniteLoss"
+    finally:
+        for process in (prometheus, alertmanager):
+            process.terminate()
+            process.wait(timeout=30)
+        webhook.shutdown()

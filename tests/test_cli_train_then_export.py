@@ -31,9 +31,11 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert weights["block_0/attn/query/w.int8"].dtype == np.int8
         assert weights["block_0/attn_norm/scale"].dtype == np.float32
 
-    # Nothing is overwritten: the same run dir and the same output are refused.
-    assert trainer(["--preset", "tiny", *FAST, "--run-dir", str(tmp_path / "run")]) == 2
-    assert "already holds checkpoints" in capsys.readouterr().err
+    # The same run dir resumes (here: nothing left to do); --no-resume refuses to touch it.
+    assert trainer(["--preset", "tiny", *FAST, "--run-dir", str(tmp_path / "run")]) == 0
+    assert "nothing to do, step 3 >= train.max_steps" in capsys.readouterr().out
+    assert trainer([*FAST, "--no-resume", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "already holds checkpoints and --no-resume was given" in capsys.readouterr().err
     assert (
         exporter(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output", str(output)])
         == 2
@@ -46,7 +48,16 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
     [
         (["--preset", "huge"], "unknown preset 'huge'; choose one of tiny, small, medium, large"),
         (["--max-steps", "0"], "train.max_steps must be positive, got 0"),
-        (["--peak-flops", "-1"], "peak FLOP/s must be positive, got -1.0"),
+        (["--peak-flops", "-1"], "metrics.peak_flops must be positive, got -1.0"),
+        (
+            ["--set", "optimizer.lr=1"],
+            "unknown key 'optimizer.lr'; valid keys under optimizer are "
+            "learning_rate, min_lr_ratio, warmup_steps, weight_decay, b1, b2, eps, clip_norm",
+        ),
+        (
+            ["--config", "/nonexistent.yaml"],
+            "cannot read --config /nonexistent.yaml: " "No such file or directory",
+        ),
         (
             ["--metrics-host", "no-such-host.invalid"],
             "cannot serve metrics on no-such-host.invalid:8000: unknown host "
@@ -87,3 +98,26 @@ def test_trainer_refuses_a_metrics_port_in_use(
         "pick another port (0 picks a free one) or disable the exporter"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_prints_costs_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert trainer(["--preset", "small", "--dry-run", "--run-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "preset small: 82,791,168 parameters" in out
+    assert "MFLOPs per token" in out and "memory estimate" in out and "GiB" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_and_sets_are_resolved_printed_and_saved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("optimizer:\n  learning_rate: 2.0e-3\ntrain:\n  seed: 5\n")
+    args = [*FAST, "--config", str(config), "--set", "train.seed=6", "--sample-tokens", "0"]
+    assert trainer([*args, "--run-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "learning_rate: 0.002" in saved and "seed: 6" in saved
+    assert saved.strip() in out  # printed at start

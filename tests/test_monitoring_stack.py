@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from rtdlm.metrics import PrometheusTrainingCallback, start_server
-from rtdlm.model import flops_per_token, preset
-from rtdlm.train import BYTE_VOCAB_SIZE, EvalLog, TrainConfig, train
+from rtdlm.model import flops_per_token
+from rtdlm.train import BYTE_VOCAB_SIZE, EvalLog, resolve, train
 from rtdlm.train.data import split_documents, stdlib_documents
 
 MONITORING = Path("infra/monitoring")
@@ -68,13 +68,19 @@ def training() -> Iterator[tuple[PrometheusTrainingCallback, str, Callable[[], I
     registry = CollectorRegistry()
     callback = PrometheusTrainingCallback(registry, run="stack", peak_flops_per_second=1e11)
     server = start_server(registry, "127.0.0.1", 0)
-    model_cfg = preset("tiny", vocab_size=BYTE_VOCAB_SIZE, seq_len=32, num_layers=1)
-    train_cfg = TrainConfig(batch_size=2, max_steps=40, eval_every=10, warmup_steps=5)
+    cfg = resolve(
+        "tiny",
+        sets=[
+            *["model.seq_len=32", "model.num_layers=1", "data.batch_size=2"],
+            *["train.max_steps=40", "train.eval_every=10", "optimizer.warmup_steps=5"],
+        ],
+        vocab_size=BYTE_VOCAB_SIZE,
+    )
     data = split_documents(stdlib_documents())
 
     def run_training() -> Iterator[Any]:
         """The real loop, reporting through the callback as the trainer does; yields each log."""
-        for event in train(model_cfg, train_cfg, data):
+        for event in train(cfg, data):
             if isinstance(event, EvalLog):
                 callback.on_eval(event.step, loss=event.loss)
             else:
@@ -86,7 +92,7 @@ def training() -> Iterator[tuple[PrometheusTrainingCallback, str, Callable[[], I
                     step_seconds=event.step_seconds,
                     grad_norm=event.grad_norm,
                     data_wait_seconds=event.data_wait_seconds,
-                    flops=flops_per_token(model_cfg) * event.tokens,
+                    flops=flops_per_token(cfg.model) * event.tokens,
                 )
             yield event
 

@@ -6,7 +6,6 @@ library (`pydoc_data.topics`, about a megabyte of English), so training needs no
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,18 +52,17 @@ def split_documents(
     )
 
 
-def random_windows(
-    tokens: np.ndarray, batch_size: int, seq_len: int, seed: int
-) -> Iterator[np.ndarray]:
-    """Endless batches of [batch_size, seq_len + 1] windows at random offsets, fixed by the seed."""
+def window_batch(
+    tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, index: int
+) -> np.ndarray:
+    """Batch `index` of an endless stream: [batch_size, seq_len + 1] windows at random offsets
+    drawn from (seed, index) alone, so any batch can be regenerated to resume exactly."""
     if len(tokens) <= seq_len + 1:
         raise ValueError(
             f"corpus of {len(tokens)} tokens is shorter than one window of {seq_len + 1}"
         )
-    rng = np.random.default_rng(seed)
-    while True:
-        starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
-        yield np.stack([tokens[s : s + seq_len + 1] for s in starts])
+    starts = np.random.default_rng([seed, index]).integers(0, len(tokens) - seq_len - 1, batch_size)
+    return np.stack([tokens[s : s + seq_len + 1] for s in starts])
 
 
 def evaluation_windows(

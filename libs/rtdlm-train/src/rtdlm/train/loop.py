@@ -1,4 +1,8 @@
-"""The training loop as pure pieces: state, step, evaluation, and a generator of step logs."""
+"""The training loop as pure pieces: state, step, evaluation, and a generator of step logs.
+
+Everything a step depends on is in TrainState or derived from the step number, so a run
+restored from a checkpoint continues bit for bit on CPU.
+"""
 
 from __future__ import annotations
 
@@ -14,36 +18,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rtdlm.model import ModelConfig, build_with_stats
-from rtdlm.train.data import Splits, evaluation_windows, random_windows
+from rtdlm.model import build_with_stats
+from rtdlm.train.config import OptimizerConfig, RunConfig
+from rtdlm.train.data import Splits, evaluation_windows, window_batch
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    warmup_steps: int = 20
-    max_steps: int = 200
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    eval_every: int = 25
-    eval_batches: int = 4
-    seed: int = 0
-    moe_load_balance_weight: float = 0.01  # used only by models with MoE layers
-    moe_router_z_weight: float = 0.001
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "max_steps", "eval_every", "eval_batches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
+class Batch(NamedTuple):
+    tokens: Any  # [batch, seq_len + 1] int32: inputs are [:, :-1], targets [:, 1:]
+    segment_ids: Any  # same shape: packed documents 1, 2, ...; 0 is padding
 
 
 class TrainState(NamedTuple):
     step: jax.Array
     params: hk.Params
     opt_state: optax.OptState
+    rng: jax.Array  # split every step, for anything stochastic the model grows
+    nonfinite_in_row: jax.Array
+
+
+class StepMetrics(NamedTuple):
+    loss: jax.Array
+    grad_norm: jax.Array
+    finite: jax.Array  # False: the update was skipped
 
 
 @dataclass(frozen=True)
@@ -56,7 +52,10 @@ class StepLog:
     grad_norm: float
     data_wait_seconds: float
     tokens: int
+    skipped: bool  # non-finite loss or gradients: parameters were left unchanged
+    nonfinite_in_row: int
     state: TrainState
+    data_state: dict[str, Any]  # the data position after this step's batch, for checkpoints
 
 
 @dataclass(frozen=True)
@@ -65,16 +64,28 @@ class EvalLog:
     loss: float
 
 
-def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+def learning_rate_schedule(cfg: OptimizerConfig, max_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to learning_rate * min_lr_ratio at max_steps."""
     return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, cfg.warmup_steps, max(cfg.max_steps, cfg.warmup_steps + 1)
+        0.0,
+        cfg.learning_rate,
+        cfg.warmup_steps,
+        max(max_steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
     )
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, max_steps: int) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay, mask=_decay_mask),
+        optax.adamw(
+            learning_rate_schedule(cfg, max_steps),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=_decay_mask,
+        ),
     )
 
 
@@ -83,87 +94,150 @@ def _decay_mask(params: hk.Params) -> Any:
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
 
-def cross_entropy(logits: jax.Array, windows: jax.Array) -> jax.Array:
-    """Mean cross-entropy of logits (for windows[:, :-1]) against the next tokens windows[:, 1:]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+def target_mask(segment_ids: jax.Array) -> jax.Array:
+    """Which next-token targets count: same document as the input token, and not padding."""
+    return (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
 
 
-def next_token_loss(model: hk.Transformed, params: hk.Params, windows: jax.Array) -> jax.Array:
-    logits, _ = model.apply(params, None, windows[:, :-1])
-    return cross_entropy(logits, windows)
+def cross_entropy(logits: jax.Array, batch: Batch, z_loss_weight: float = 0.0) -> jax.Array:
+    """Mean next-token cross-entropy over the counted targets, plus the optional z-loss."""
+    targets = batch.tokens[:, 1:]
+    mask = target_mask(batch.segment_ids).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if z_loss_weight:
+        losses = losses + z_loss_weight * jax.nn.logsumexp(logits, axis=-1) ** 2
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def next_token_loss(model: hk.Transformed, params: hk.Params, batch: Batch) -> jax.Array:
+    logits, _ = model.apply(params, None, batch.tokens[:, :-1], batch.segment_ids[:, :-1])
+    return cross_entropy(logits, batch)
 
 
 def training_loss(
-    model: hk.Transformed, cfg: TrainConfig, params: hk.Params, windows: jax.Array
+    model: hk.Transformed, cfg: RunConfig, params: hk.Params, batch: Batch
 ) -> jax.Array:
-    """Cross-entropy plus the MoE load-balancing and router z-losses (zero for dense models)."""
-    logits, moe = model.apply(params, None, windows[:, :-1])
+    """Cross-entropy (+ z-loss) plus the MoE load-balancing and router z-losses."""
+    logits, moe = model.apply(params, None, batch.tokens[:, :-1], batch.segment_ids[:, :-1])
     auxiliary = (
-        cfg.moe_load_balance_weight * moe.load_balance_loss
-        + cfg.moe_router_z_weight * moe.router_z_loss
+        cfg.train.moe_load_balance_weight * moe.load_balance_loss
+        + cfg.train.moe_router_z_weight * moe.router_z_loss
     )
-    return cross_entropy(logits, windows) + auxiliary
+    return cross_entropy(logits, batch, cfg.train.z_loss_weight) + auxiliary
 
 
 def init_state(
-    model: hk.Transformed,
-    optimizer: optax.GradientTransformation,
-    model_cfg: ModelConfig,
-    seed: int,
+    model: hk.Transformed, optimizer: optax.GradientTransformation, cfg: RunConfig
 ) -> TrainState:
-    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, model_cfg.seq_len), jnp.int32))
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
+    params = model.init(init_key, jnp.zeros((1, cfg.model.seq_len), jnp.int32))
+    step, nonfinite_in_row = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers:
+    return TrainState(step, params, optimizer.init(params), rng, nonfinite_in_row)  # both donated
+
+
+def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+    """[batch, T] -> [micro_batches, batch / micro_batches, T] for the accumulation scan."""
+    return Batch(*(x.reshape(micro_batches, -1, *x.shape[1:]) for x in batch))
 
 
 def make_train_step(
-    model: hk.Transformed, optimizer: optax.GradientTransformation, cfg: TrainConfig
+    model: hk.Transformed, optimizer: optax.GradientTransformation, cfg: RunConfig
 ) -> Any:
-    def train_step(
-        state: TrainState, windows: jax.Array
-    ) -> tuple[TrainState, jax.Array, jax.Array]:
-        loss, grads = jax.value_and_grad(partial(training_loss, model, cfg))(state.params, windows)
+    """One optimizer step over cfg.data.micro_batches micro-batches, accumulated inside jit.
+
+    A non-finite loss or gradient leaves params and optimizer state untouched (the step still
+    counts) and increments nonfinite_in_row; a finite step resets it.
+    """
+    grad_fn = jax.value_and_grad(partial(training_loss, model, cfg))
+    micro_batches = cfg.data.micro_batches
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, StepMetrics]:
+        micro = split_micro_batches(batch, micro_batches)
+
+        def accumulate(carry: Any, one: Batch) -> tuple[Any, None]:
+            loss_sum, grad_sum = carry
+            loss, grads = grad_fn(state.params, one)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), micro)
+        loss = loss_sum / micro_batches
+        grads = jax.tree.map(lambda g: g / micro_batches, grad_sum)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, opt_state), loss, optax.global_norm(grads)
+        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        rng, _ = jax.random.split(state.rng)
+        new_state = TrainState(
+            state.step + 1,
+            keep(params, state.params),
+            keep(opt_state, state.opt_state),
+            rng,
+            jnp.where(finite, 0, state.nonfinite_in_row + 1),
+        )
+        return new_state, StepMetrics(loss, grad_norm, finite)
 
     return jax.jit(train_step, donate_argnums=0)
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, data: Splits) -> Iterator[StepLog | EvalLog]:
-    """Runs cfg.max_steps steps, yielding a StepLog after each and an EvalLog on the held-out
-    split before the first step, every cfg.eval_every steps and after the last."""
-    model = build_with_stats(model_cfg)
-    optimizer = make_optimizer(cfg)
-    schedule = learning_rate_schedule(cfg)
-    state = init_state(model, optimizer, model_cfg, cfg.seed)
-    train_step = make_train_step(model, optimizer, cfg)
-    eval_loss = jax.jit(lambda params, windows: next_token_loss(model, params, windows))
-    held_out = evaluation_windows(
-        data.validation, cfg.batch_size, model_cfg.seq_len, cfg.eval_batches
+def make_evaluate(model: hk.Transformed, held_out: list[Batch]) -> Any:
+    """params -> mean held-out loss over a fixed set of batches (the same at every evaluation)."""
+    loss = jax.jit(partial(next_token_loss, model))
+    return lambda params: float(np.mean([loss(params, batch) for batch in held_out]))
+
+
+def evaluation_batches(tokens: np.ndarray, cfg: RunConfig) -> list[Batch]:
+    windows = evaluation_windows(
+        tokens, cfg.data.batch_size, cfg.model.seq_len, cfg.data.eval_batches
     )
+    return [Batch(w, np.ones_like(w)) for w in windows]
 
-    def evaluate(step: int, params: hk.Params) -> EvalLog:
-        return EvalLog(step, float(np.mean([eval_loss(params, w) for w in held_out])))
 
-    batches = random_windows(data.train, cfg.batch_size, model_cfg.seq_len, cfg.seed)
-    yield evaluate(0, state.params)
-    for step in range(1, cfg.max_steps + 1):
+def train(
+    cfg: RunConfig,
+    data: Splits,
+    state: TrainState | None = None,
+    data_state: dict[str, Any] | None = None,
+) -> Iterator[StepLog | EvalLog]:
+    """Runs to cfg.train.max_steps from `state` (default: fresh), yielding a StepLog after each
+    step and an EvalLog on the held-out split at the start of a fresh run, every eval_every
+    steps and after the last. Batch i comes from (shuffle seed, i) alone, so `data_state`
+    {"next_batch": i} resumes the stream exactly."""
+    model = build_with_stats(cfg.model)
+    optimizer = make_optimizer(cfg.optimizer, cfg.train.max_steps)
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.train.max_steps)
+    fresh = state is None
+    state = init_state(model, optimizer, cfg) if state is None else state
+    train_step = make_train_step(model, optimizer, cfg)
+    evaluate = make_evaluate(model, evaluation_batches(data.validation, cfg))
+    next_batch = int((data_state or {}).get("next_batch", 0))
+    if fresh:
+        yield EvalLog(0, evaluate(state.params))
+    for step in range(int(state.step) + 1, cfg.train.max_steps + 1):
         start = time.perf_counter()
-        windows = next(batches)
+        windows = window_batch(
+            data.train, cfg.data.batch_size, cfg.model.seq_len, cfg.data.shuffle_seed, next_batch
+        )
+        next_batch += 1
         data_wait = time.perf_counter() - start
-        state, loss, grad_norm = train_step(state, windows)
-        loss_value = float(loss)  # waits for the step to finish, so the timing is honest
+        state, metrics = train_step(state, Batch(windows, np.ones_like(windows)))
+        loss = float(metrics.loss)  # waits for the step to finish, so the timing is honest
         seconds = time.perf_counter() - start
+        tokens = int(windows[:, 1:].size)
         yield StepLog(
             step=step,
-            loss=loss_value,
+            loss=loss,
             learning_rate=float(schedule(step - 1)),
-            tokens_per_second=windows[:, 1:].size / seconds,
+            tokens_per_second=tokens / seconds,
             step_seconds=seconds,
-            grad_norm=float(grad_norm),
+            grad_norm=float(metrics.grad_norm),
             data_wait_seconds=data_wait,
-            tokens=int(windows[:, 1:].size),
+            tokens=tokens,
+            skipped=not bool(metrics.finite),
+            nonfinite_in_row=int(state.nonfinite_in_row),
             state=state,
+            data_state={"next_batch": next_batch},
         )
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            yield evaluate(step, state.params)
+        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+            yield EvalLog(step, evaluate(state.params))

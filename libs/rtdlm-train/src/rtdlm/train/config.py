@@ -1,0 +1,275 @@
+"""The run configuration: typed frozen dataclasses, built from a preset, a YAML file and
+`--set section.key=value` overrides, in that order. Every mistake is one ConfigError line."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from rtdlm.model import PRESETS, ModelConfig, preset
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, phrased as one line that names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "optimizer", "learning_rate", "eps", "clip_norm")
+        _in_range(self, "optimizer", "min_lr_ratio", 0.0, 1.0)
+        _in_range(self, "optimizer", "b1", 0.0, 1.0, high_open=True)
+        _in_range(self, "optimizer", "b2", 0.0, 1.0, high_open=True)
+        _non_negative(self, "optimizer", "warmup_steps", "weight_decay")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    batch_size: int = 8  # sequences per optimizer step, across all processes
+    micro_batches: int = 1  # gradient accumulation: batch_size splits into this many
+    shuffle_seed: int = 0
+    eval_batches: int = 4
+
+    def __post_init__(self) -> None:
+        _positive(self, "data", "batch_size", "micro_batches", "eval_batches")
+        _non_negative(self, "data", "shuffle_seed")
+        if self.batch_size % self.micro_batches:
+            raise ConfigError(
+                f"data.micro_batches ({self.micro_batches}) must divide data.batch_size "
+                f"({self.batch_size})"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 200
+    eval_every: int = 25
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+    z_loss_weight: float = 0.0  # PaLM's log(Z)^2 penalty keeping the softmax normaliser near 1
+    moe_load_balance_weight: float = 0.01  # used only by models with MoE layers
+    moe_router_z_weight: float = 0.001
+    max_nonfinite_in_row: int = 5
+    on_nonfinite: str = "stop"  # or "rollback": reload the last checkpoint and go on
+
+    def __post_init__(self) -> None:
+        _positive(self, "train", "max_steps", "eval_every", "checkpoint_every")
+        _positive(self, "train", "keep_checkpoints", "max_nonfinite_in_row")
+        _non_negative(self, "train", "seed", "z_loss_weight")
+        _non_negative(self, "train", "moe_load_balance_weight", "moe_router_z_weight")
+        if self.on_nonfinite not in ("stop", "rollback"):
+            raise ConfigError(
+                f"train.on_nonfinite must be 'stop' or 'rollback', got {self.on_nonfinite!r}"
+            )
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 8000  # 0: any free port
+    peak_flops: float | None = None  # None: the accelerator table, else a measured matmul
+
+    def __post_init__(self) -> None:
+        _in_range(self, "metrics", "port", 0, 65535)
+        if self.peak_flops is not None:
+            _positive(self, "metrics", "peak_flops")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=lambda: preset("tiny"))
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+def _positive(cfg: object, section: str, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{section}.{name} must be positive, got {getattr(cfg, name)}")
+
+
+def _non_negative(cfg: object, section: str, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name) >= 0:
+            raise ConfigError(f"{section}.{name} must be >= 0, got {getattr(cfg, name)}")
+
+
+def _in_range(
+    cfg: object, section: str, name: str, low: float, high: float, high_open: bool = False
+) -> None:
+    value = getattr(cfg, name)
+    if not (low <= value < high if high_open else low <= value <= high):
+        bracket = ")" if high_open else "]"
+        raise ConfigError(f"{section}.{name} must be in [{low}, {high}{bracket}, got {value}")
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """`value` as the field's type, accepting the strings a command line or YAML produces."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        empty = value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))
+        if empty and type(None) in options:
+            return None
+        real = [option for option in options if option is not type(None)]
+        return _coerce(key, value, real[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {_describe(value)}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{key} must be a number, got {_describe(value)}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {_describe(value)}")
+        return number
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {_describe(value)}")
+    raise ConfigError(f"{key} cannot be set")  # a nested section assigned a scalar
+
+
+def _build(cls: type, base: Any, overrides: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    changes: dict[str, Any] = {}
+    for name, value in overrides.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str) or name not in names:
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(
+                f"unknown key {_describe(key)}; valid keys under {where} are {', '.join(names)}"
+            )
+        current = getattr(base, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key} is a section: give it keys, e.g. {key}.{_first(current)}")
+            changes[name] = _build(type(current), current, value, f"{key}.")
+        else:
+            changes[name] = _coerce(key, value, hints[name])
+    try:
+        return dataclasses.replace(base, **changes)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:  # the model lib's own validation
+        raise ConfigError(str(error)) from None
+
+
+def _first(section: object) -> str:
+    return dataclasses.fields(section)[0].name  # type: ignore[arg-type]
+
+
+def parse_set(assignment: str) -> dict[str, Any]:
+    """'optimizer.learning_rate=3e-4' as a nested dict; the value stays text until typed."""
+    key, sep, value = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(part.strip() for part in parts):
+        raise ConfigError(
+            f"--set {_describe(assignment)} is not KEY=VALUE, "
+            "e.g. --set optimizer.learning_rate=3e-4"
+        )
+    nested: dict[str, Any] = {parts[-1].strip(): value.strip()}
+    for part in reversed(parts[:-1]):
+        nested = {part.strip(): nested}
+    return nested
+
+
+def _merge(into: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+    return into
+
+
+def load_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source} is not valid YAML{where}: fix its syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{source} must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def resolve(
+    preset_name: str | None = None,
+    file_overrides: Mapping[str, Any] | None = None,
+    sets: Sequence[str] = (),
+    vocab_size: int | None = None,
+) -> RunConfig:
+    """Preset, then the YAML file's keys, then each --set; `vocab_size` comes from the data."""
+    overrides: dict[str, Any] = _merge({}, file_overrides or {})
+    for assignment in sets:
+        _merge(overrides, parse_set(assignment))
+    name = preset_name or overrides.pop("preset", None) or "tiny"
+    overrides.pop("preset", None)
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"unknown preset {_describe(name)}; choose one of {', '.join(PRESETS)}")
+    model = preset(name) if vocab_size is None else preset(name, vocab_size=vocab_size)
+    cfg = _build(RunConfig, RunConfig(preset=name, model=model), overrides, "")
+    if vocab_size is not None and cfg.model.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's vocabulary "
+            f"({vocab_size}): drop the model.vocab_size override or use matching data"
+        )
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,115 @@
+"""The trainer as a process: killed with SIGKILL or stopped with SIGTERM mid-run, then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from rtdlm.ckpt import restore_params
+from rtdlm_trainer.main import main as trainer
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--preset", "tiny", "--max-steps", "20", "--batch-size", "2", "--seq-len", "32"]
+SMALL += ["--checkpoint-every", "5", "--eval-every", "10", "--metrics-port", "0"]
+SMALL += ["--set", "model.num_layers=1", "--sample-tokens", "0"]
+
+
+def start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "rtdlm_trainer.main", *SMALL, "--run-dir", str(run_dir), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def run_until(process: subprocess.Popen, line_start: str) -> str:
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(line_start):
+            return "".join(seen)
+    process.wait()
+    pytest.fail(f"never printed {line_start!r}:\n{''.join(seen)}")
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; a step run again after a resume overwrites the killed run's entry."""
+    lines = (run_dir / "steps.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
+
+
+def final_params(run_dir: Path) -> list[np.ndarray]:
+    checkpoint = restore_params(run_dir / "checkpoints")
+    assert checkpoint.step == 20
+    return [np.asarray(x) for x in jax.tree.leaves(checkpoint.params)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    assert trainer([*SMALL, "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(
+    tmp_path: Path, uninterrupted: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    process = start(run_dir)
+    run_until(process, "step    13 |")  # checkpoint 5 is committed, 10 may still be in flight
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    resumed = start(run_dir)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert re.search(r"resumed from step (5|10) ", output), output
+    assert losses(run_dir) == losses(uninterrupted)  # exact floats, every step
+    for a, b in zip(final_params(run_dir), final_params(uninterrupted), strict=True):
+        assert a.tobytes() == b.tobytes()
+    assert any((run_dir / "xla-cache").iterdir())  # the resumed process could reuse compiles
+
+
+def test_sigterm_checkpoints_and_exits_0_and_resume_continues(
+    tmp_path: Path, uninterrupted: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    process = start(run_dir)
+    run_until(process, "step     7 |")
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    stopped = [line for line in output.splitlines() if line.startswith("stopped by SIGTERM")]
+    assert stopped, output
+    step = int(stopped[0].split("after step ")[1].split(":")[0])
+    assert 7 <= step < 20 and (run_dir / "checkpoints" / str(step)).is_dir()
+    resumed = start(run_dir)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and f"resumed from step {step}" in output, output
+    assert losses(run_dir) == losses(uninterrupted)
+
+
+def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    # steps of about a second, so the second signal lands while the first is being honoured
+    slow = ["--max-steps", "400", "--seq-len", "256", "--batch-size", "16"]
+    process = start(tmp_path / "run", *slow, "--set", "model.num_layers=4")
+    run_until(process, "step     2 |")
+    process.send_signal(signal.SIGINT)
+    run_until(process, "SIGINT: finishing this step")
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, output
+    assert "SIGINT again: exiting now" in output

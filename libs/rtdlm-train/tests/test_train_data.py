@@ -3,14 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rtdlm.train.data import (
-    decode,
-    encode,
-    evaluation_windows,
-    split_documents,
-    stdlib_documents,
-    window_batch,
-)
+from rtdlm.train.data import decode, encode, split_documents, stdlib_documents
 
 
 @given(st.text())
@@ -21,46 +14,32 @@ def test_byte_tokens_round_trip(text: str) -> None:
     assert decode(tokens) == text
 
 
+def text(corpus) -> str:  # type: ignore[no-untyped-def]
+    return "\n".join(decode(corpus.document(i)) for i in range(corpus.num_documents))
+
+
 def test_stdlib_corpus_is_real_english_and_splits_cleanly() -> None:
     documents = stdlib_documents()
     assert len(documents) > 50
     splits = split_documents(documents)
-    assert len(splits.train) > 400_000
-    assert len(splits.validation) > 25_000
-    assert b" the " in bytes(splits.train[:20_000].astype(np.uint8).tolist())
+    assert splits.train.num_tokens > 400_000
+    assert splits.validation.num_tokens > 25_000
+    assert " the " in decode(splits.train.document(0)) + decode(splits.train.document(1))
     # No held-out document appears in training, even where the corpus repeats one.
-    train_text, validation_text = decode(splits.train), decode(splits.validation)
-    held_out = [text for _, text in documents if text in validation_text and len(text) > 200]
+    train_text, validation_text = text(splits.train), text(splits.validation)
+    held_out = [t for _, t in documents if t in validation_text and len(t) > 200]
     assert len(held_out) >= 5
-    assert not any(text in train_text for text in held_out)
+    assert not any(t in train_text for t in held_out)
 
 
 def test_duplicate_documents_never_straddle_the_split() -> None:
     documents = [(f"doc{i}", f"text number {i}") for i in range(20)]
     documents.append(("copy", documents[0][1]))  # the first held-out document, again
     splits = split_documents(documents)
-    assert decode(splits.train).count("text number 0") == 0
+    assert text(splits.train).count("text number 0") == 0
+    assert splits.train.num_documents == 18 and splits.validation.num_documents == 2
 
 
 def test_split_needs_enough_documents() -> None:
     with pytest.raises(ValueError, match="at least 10 distinct documents"):
         split_documents([("a", "text")])
-
-
-def test_window_batches_come_from_seed_and_index_alone() -> None:
-    tokens = np.arange(1000, dtype=np.int32)
-    first = window_batch(tokens, 4, 16, seed=7, index=3)
-    again = window_batch(tokens, 4, 16, seed=7, index=3)
-    assert first.shape == (4, 17)
-    np.testing.assert_array_equal(first, again)
-    assert not np.array_equal(first, window_batch(tokens, 4, 16, seed=8, index=3))
-    assert not np.array_equal(first, window_batch(tokens, 4, 16, seed=7, index=4))
-    # Each window is a contiguous slice of the corpus.
-    np.testing.assert_array_equal(np.diff(first, axis=1), np.ones((4, 16)))
-
-
-def test_evaluation_windows_are_fixed() -> None:
-    tokens = np.arange(1000, dtype=np.int32)
-    batches = evaluation_windows(tokens, batch_size=2, seq_len=8, num_batches=3)
-    assert [b.shape for b in batches] == [(2, 9)] * 3
-    assert batches[0][0, 0] == 0 and batches[-1][-1, -1] == 999

@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -7,12 +8,18 @@ import pytest
 
 from rtdlm.model import build_with_stats
 from rtdlm.train import EvalLog, RunConfig, StepLog, resolve, split_documents, train
-from rtdlm.train.data import stdlib_documents, window_batch
+from rtdlm.train.data import stdlib_documents
 from rtdlm.train.loop import Batch, init_state, make_optimizer, make_train_step
+from rtdlm.train.pipeline import packed_batches
 
 SMALL = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2"]
 SMALL += ["model.seq_len=32", "model.d_ff=64"]
 DATA = split_documents(stdlib_documents())
+
+
+def batches(size: int, seq_len: int, count: int) -> list[Batch]:
+    stream = packed_batches(DATA.train, size, seq_len, seed=0)
+    return [Batch(tokens, segments) for tokens, segments, _ in itertools.islice(stream, count)]
 
 
 def config(*sets: str) -> RunConfig:
@@ -40,7 +47,7 @@ def test_held_out_loss_falls_and_logs_are_complete() -> None:
     assert evals[-1].loss < evals[0].loss - 1.0  # from ~ln(256) = 5.5 towards byte statistics
     assert all(s.tokens_per_second > 0 and np.isfinite(s.loss) and not s.skipped for s in steps)
     assert steps[0].learning_rate == 0.0 and steps[5].learning_rate == pytest.approx(3e-3)
-    assert steps[-1].data_state == {"next_batch": 40}
+    assert steps[-1].data_state == {"epoch": 0, "row": 40 * 8}
 
 
 def test_same_seed_same_numbers_bit_for_bit() -> None:
@@ -75,9 +82,8 @@ def test_gradient_accumulation_equals_one_large_batch() -> None:
         optimizer = make_optimizer(cfg.optimizer, cfg.train.max_steps)
         state = init_state(model, optimizer, cfg)
         step = make_train_step(model, optimizer, cfg)
-        for index in range(2):
-            windows = window_batch(DATA.train, 8, cfg.model.seq_len, 0, index)
-            state, metrics = step(state, Batch(windows, np.ones_like(windows)))
+        for batch in batches(8, cfg.model.seq_len, 2):
+            state, metrics = step(state, batch)
         results.append((state, float(metrics.loss)))
     (one, loss_one), (accumulated, loss_acc) = results
     assert loss_acc == pytest.approx(loss_one, rel=1e-5)
@@ -91,8 +97,7 @@ def test_a_nonfinite_step_is_skipped_and_counted() -> None:
     optimizer = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     step = make_train_step(model, optimizer, cfg)
     state = init_state(model, optimizer, cfg)
-    windows = window_batch(DATA.train, 2, cfg.model.seq_len, 0, 0)
-    batch = Batch(windows, np.ones_like(windows))
+    [batch] = batches(2, cfg.model.seq_len, 1)
     before = jax.tree.map(np.asarray, state.params)
     poisoned = state._replace(
         params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), state.params)

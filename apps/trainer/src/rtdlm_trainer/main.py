@@ -40,15 +40,16 @@ from rtdlm.train import (
     RunConfig,
     StepLog,
     TrainState,
-    decode,
-    encode,
     load_yaml,
     resolve,
     to_yaml,
     train,
 )
-from rtdlm.train.data import split_documents, stdlib_documents
+from rtdlm.train.data import Splits, split_documents, stdlib_documents
 from rtdlm.train.loop import init_state, make_optimizer
+from rtdlm.train.pipeline import evaluation_rows, packed_batches
+from rtdlm.train.shards import DataError, open_split, read_index
+from rtdlm.train.tokenizer import BYTES, Tokenizer, from_index
 
 log = logging.getLogger("rtdlm.trainer")
 
@@ -131,6 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """The run config, with the model's vocabulary taken from the data it will train on."""
     file_keys: dict[str, Any] = {}
     if args.config is not None:
         try:
@@ -138,7 +140,20 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         except OSError as error:
             raise UsageError(f"cannot read --config {args.config}: {error.strerror}") from None
         file_keys = load_yaml(text, str(args.config))
-    return resolve(args.preset, file_keys, [*args.shortcut_sets, *args.sets], BYTE_VOCAB_SIZE)
+    sets = [*args.shortcut_sets, *args.sets]
+    cfg = resolve(args.preset, file_keys, sets, BYTE_VOCAB_SIZE)
+    if cfg.data.path is None:
+        return cfg
+    return resolve(args.preset, file_keys, sets, read_index(Path(cfg.data.path))["vocab_size"])
+
+
+def load_data(cfg: RunConfig) -> tuple[Splits, Tokenizer]:
+    if cfg.data.path is None:
+        return split_documents(stdlib_documents()), BYTES
+    path = Path(cfg.data.path)
+    index = read_index(path)
+    splits = Splits(open_split(path, "train", index), open_split(path, "validation", index))
+    return splits, from_index(index, path)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -189,15 +204,16 @@ class Signals:
             signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # os.write, not print: a handler can interrupt a print to the same stream
+        name = signal.Signals(signum).name
         if self.received is not None:
-            print(f"\n{signal.Signals(signum).name} again: exiting now", file=sys.stderr)
+            os.write(2, f"\n{name} again: exiting now\n".encode())
             os._exit(128 + signum)
-        self.received = signal.Signals(signum).name
-        print(
-            f"\n{self.received}: finishing this step, then checkpointing and exiting "
-            "(send it again to exit at once)",
-            file=sys.stderr,
-            flush=True,
+        self.received = name
+        os.write(
+            2,
+            f"\n{name}: finishing this step, then checkpointing and exiting "
+            "(send it again to exit at once)\n".encode(),
         )
 
     def restore(self) -> None:
@@ -301,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg)
             return 0
+        data, tokenizer = load_data(cfg)
+        # too little data for one batch is an input error: say so before writing anything
+        next(packed_batches(data.train, cfg.data.batch_size, cfg.model.seq_len, 0))
+        evaluation_rows(data.validation, cfg.data.batch_size, cfg.model.seq_len, 1)
         run_dir = args.run_dir or Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir = run_dir.resolve()
         checkpoints = run_dir / "checkpoints"
@@ -329,11 +349,11 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.metrics.enabled
             else None
         )
-    except (ConfigError, UsageError, ExporterError, ValueError) as error:
+    except (ConfigError, UsageError, ExporterError, DataError, ValueError) as error:
         print(f"trainer: error: {error}", file=sys.stderr)
         return 2
     try:
-        return run(args, cfg, run_dir, metrics, server, peak)
+        return run(args, cfg, data, tokenizer, run_dir, metrics, server, peak)
     finally:
         if server is not None:
             server.close()
@@ -342,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(
     args: argparse.Namespace,
     cfg: RunConfig,
+    data: Splits,
+    tokenizer: Tokenizer,
     run_dir: Path,
     metrics: PrometheusTrainingCallback,
     server: MetricsServer | None,
@@ -350,10 +372,9 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     print(f"config ({run_dir / 'config.yaml'}):\n{to_yaml(cfg).rstrip()}", flush=True)
-    data = split_documents(stdlib_documents())
     print(
-        f"preset {cfg.preset}: params={param_count(cfg.model):,} | data: {len(data.train):,} "
-        f"train / {len(data.validation):,} held-out byte tokens | MFU against {peak.source}",
+        f"preset {cfg.preset}: params={param_count(cfg.model):,} | data: {data.train.num_tokens:,} "
+        f"train / {data.validation.num_tokens:,} held-out tokens | MFU against {peak.source}",
         flush=True,
     )
     if server is not None:
@@ -478,17 +499,18 @@ def run(
         return 0
     if code == 0 and args.sample_tokens > 0:
         prompt = "The "
-        budget = min(args.sample_tokens, cfg.model.seq_len - len(prompt))
+        prompt_tokens = tokenizer.encode(prompt)
+        budget = min(args.sample_tokens, cfg.model.seq_len - len(prompt_tokens))
         sample = generate(
             last.state.params,
-            encode(prompt)[None],
+            prompt_tokens[None],
             jax.random.PRNGKey(cfg.train.seed),
             cfg=cfg.model,
             max_new_tokens=budget,
             temperature=0.8,
             top_k=40,
         )
-        print(f"sample: {prompt + decode(np.asarray(sample.tokens[0]))!r}", flush=True)
+        print(f"sample: {prompt + tokenizer.decode(np.asarray(sample.tokens[0]))!r}", flush=True)
     held_out = f"held-out loss {evals[0].loss:.4f} -> {evals[-1].loss:.4f}" if evals else ""
     best = min((e.loss for e in evals), default=math.nan)
     print(

@@ -41,14 +41,16 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    path: str | None = None  # shard directory written by prepare-data; None: built-in corpus
     batch_size: int = 8  # sequences per optimizer step, across all processes
     micro_batches: int = 1  # gradient accumulation: batch_size splits into this many
     shuffle_seed: int = 0
+    prefetch: int = 2  # batches packed ahead on a background thread
     eval_batches: int = 4
 
     def __post_init__(self) -> None:
         _positive(self, "data", "batch_size", "micro_batches", "eval_batches")
-        _non_negative(self, "data", "shuffle_seed")
+        _non_negative(self, "data", "shuffle_seed", "prefetch")
         if self.batch_size % self.micro_batches:
             raise ConfigError(
                 f"data.micro_batches ({self.micro_batches}) must divide data.batch_size "

@@ -20,7 +20,8 @@ import optax
 
 from rtdlm.model import build_with_stats
 from rtdlm.train.config import OptimizerConfig, RunConfig
-from rtdlm.train.data import Splits, evaluation_windows, window_batch
+from rtdlm.train.data import Splits
+from rtdlm.train.pipeline import Prefetch, evaluation_rows, packed_batches
 
 
 class Batch(NamedTuple):
@@ -187,11 +188,11 @@ def make_evaluate(model: hk.Transformed, held_out: list[Batch]) -> Any:
     return lambda params: float(np.mean([loss(params, batch) for batch in held_out]))
 
 
-def evaluation_batches(tokens: np.ndarray, cfg: RunConfig) -> list[Batch]:
-    windows = evaluation_windows(
-        tokens, cfg.data.batch_size, cfg.model.seq_len, cfg.data.eval_batches
+def evaluation_batches(data: Splits, cfg: RunConfig) -> list[Batch]:
+    rows = evaluation_rows(
+        data.validation, cfg.data.batch_size, cfg.model.seq_len, cfg.data.eval_batches
     )
-    return [Batch(w, np.ones_like(w)) for w in windows]
+    return [Batch(tokens, segments) for tokens, segments in rows]
 
 
 def train(
@@ -199,45 +200,56 @@ def train(
     data: Splits,
     state: TrainState | None = None,
     data_state: dict[str, Any] | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> Iterator[StepLog | EvalLog]:
     """Runs to cfg.train.max_steps from `state` (default: fresh), yielding a StepLog after each
     step and an EvalLog on the held-out split at the start of a fresh run, every eval_every
-    steps and after the last. Batch i comes from (shuffle seed, i) alone, so `data_state`
-    {"next_batch": i} resumes the stream exactly."""
+    steps and after the last. `data_state` is a StepLog's data_state: the stream resumes with
+    exactly the batch that followed it."""
     model = build_with_stats(cfg.model)
     optimizer = make_optimizer(cfg.optimizer, cfg.train.max_steps)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.max_steps)
     fresh = state is None
     state = init_state(model, optimizer, cfg) if state is None else state
     train_step = make_train_step(model, optimizer, cfg)
-    evaluate = make_evaluate(model, evaluation_batches(data.validation, cfg))
-    next_batch = int((data_state or {}).get("next_batch", 0))
-    if fresh:
-        yield EvalLog(0, evaluate(state.params))
-    for step in range(int(state.step) + 1, cfg.train.max_steps + 1):
-        start = time.perf_counter()
-        windows = window_batch(
-            data.train, cfg.data.batch_size, cfg.model.seq_len, cfg.data.shuffle_seed, next_batch
-        )
-        next_batch += 1
-        data_wait = time.perf_counter() - start
-        state, metrics = train_step(state, Batch(windows, np.ones_like(windows)))
-        loss = float(metrics.loss)  # waits for the step to finish, so the timing is honest
-        seconds = time.perf_counter() - start
-        tokens = int(windows[:, 1:].size)
-        yield StepLog(
-            step=step,
-            loss=loss,
-            learning_rate=float(schedule(step - 1)),
-            tokens_per_second=tokens / seconds,
-            step_seconds=seconds,
-            grad_norm=float(metrics.grad_norm),
-            data_wait_seconds=data_wait,
-            tokens=tokens,
-            skipped=not bool(metrics.finite),
-            nonfinite_in_row=int(state.nonfinite_in_row),
-            state=state,
-            data_state={"next_batch": next_batch},
-        )
-        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            yield EvalLog(step, evaluate(state.params))
+    evaluate = make_evaluate(model, evaluation_batches(data, cfg))
+    batches = packed_batches(
+        data.train,
+        cfg.data.batch_size,
+        cfg.model.seq_len,
+        cfg.data.shuffle_seed,
+        data_state,
+        process_index,
+        process_count,
+    )
+    stream = Prefetch(batches, cfg.data.prefetch)
+    try:
+        if fresh:
+            yield EvalLog(0, evaluate(state.params))
+        for step in range(int(state.step) + 1, cfg.train.max_steps + 1):
+            start = time.perf_counter()
+            tokens, segments, position = next(stream)
+            data_wait = time.perf_counter() - start
+            state, metrics = train_step(state, Batch(tokens, segments))
+            loss = float(metrics.loss)  # waits for the step to finish, so the timing is honest
+            seconds = time.perf_counter() - start
+            count = int(tokens[:, 1:].size)
+            yield StepLog(
+                step=step,
+                loss=loss,
+                learning_rate=float(schedule(step - 1)),
+                tokens_per_second=count / seconds,
+                step_seconds=seconds,
+                grad_norm=float(metrics.grad_norm),
+                data_wait_seconds=data_wait,
+                tokens=count,
+                skipped=not bool(metrics.finite),
+                nonfinite_in_row=int(state.nonfinite_in_row),
+                state=state,
+                data_state=position,
+            )
+            if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+                yield EvalLog(step, evaluate(state.params))
+    finally:
+        stream.close()

@@ -1,0 +1,61 @@
+"""Tokenizers: UTF-8 bytes (built in, vocabulary 256) or a SentencePiece model file."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtdlm.train.data import BYTE_VOCAB_SIZE, decode, encode
+from rtdlm.train.shards import DataError
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    name: str
+    vocab_size: int
+    encode: Callable[[str], np.ndarray]
+    decode: Callable[[np.ndarray], str]
+    index_entry: dict[str, Any]  # what index.json records, so readers rebuild the same one
+
+
+BYTES = Tokenizer("bytes", BYTE_VOCAB_SIZE, encode, decode, {"kind": "bytes"})
+
+
+def sentencepiece(model_file: Path) -> Tokenizer:
+    import sentencepiece as spm
+
+    try:
+        processor = spm.SentencePieceProcessor(model_file=str(model_file))
+    except (OSError, RuntimeError) as error:
+        raise DataError(f"{model_file} is not a SentencePiece model ({error})") from None
+    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
+    return Tokenizer(
+        f"sentencepiece:{model_file.name}",
+        processor.get_piece_size(),
+        lambda text: np.asarray(processor.encode(text), np.int32),
+        lambda tokens: processor.decode([int(t) for t in tokens]),
+        {"kind": "sentencepiece", "file": model_file.name, "sha256": digest},
+    )
+
+
+def from_index(index: dict[str, Any], directory: Path) -> Tokenizer:
+    """The tokenizer a shard directory was written with (its model file lives beside it)."""
+    entry = index.get("tokenizer") or {}
+    if entry.get("kind") == "bytes":
+        return BYTES
+    if entry.get("kind") == "sentencepiece":
+        path = directory / str(entry.get("file"))
+        if not path.is_file():
+            raise DataError(f"tokenizer model {path} is missing: rerun prepare-data")
+        tokenizer = sentencepiece(path)
+        if tokenizer.index_entry["sha256"] != entry.get("sha256"):
+            raise DataError(
+                f"tokenizer model {path} differs from the one the shards were made with"
+            )
+        return tokenizer
+    raise DataError(f"{directory / 'index.json'} names an unknown tokenizer {entry!r}")

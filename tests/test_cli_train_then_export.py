@@ -1,7 +1,9 @@
 """The two apps end to end, in process: train a few steps, checkpoint, export INT8."""
 
+import io
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -121,3 +123,49 @@ def test_config_file_and_sets_are_resolved_printed_and_saved(
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "learning_rate: 0.002" in saved and "seed: 6" in saved
     assert saved.strip() in out  # printed at start
+
+
+NAN = ["--set", "optimizer.learning_rate=1e9", "--set", "optimizer.warmup_steps=0"]
+NAN += ["--set", "train.max_nonfinite_in_row=2", "--max-steps", "30", "--checkpoint-every", "1"]
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert trainer([*FAST, *NAN, "--run-dir", str(tmp_path / "run")]) == 1
+    out = capsys.readouterr().out
+    assert "SKIPPED (non-finite)" in out
+    assert "trainer: error: 2 non-finite steps in a row at step 3: stopping" in out
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
+
+
+def test_rollback_reloads_the_last_good_checkpoint_at_most_three_times(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rollback = ["--set", "train.on_nonfinite=rollback"]
+    assert trainer([*FAST, *NAN, *rollback, "--run-dir", str(tmp_path / "run")]) == 1
+    out = capsys.readouterr().out
+    for n in (1, 2, 3):
+        assert f"rolled back to step 1 (rollback {n} of 3), skipping those batches" in out
+    assert "stopping" in out
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
+    from rtdlm_trainer.main import Progress
+
+    event = SimpleNamespace(
+        step=50, loss=2.5, learning_rate=1e-3, tokens_per_second=1234.0, skipped=False
+    )
+    terminal, pipe = Terminal(), io.StringIO()
+    Progress(terminal, max_steps=100, start_step=0).step(event, 0.25)  # type: ignore[arg-type]
+    Progress(pipe, max_steps=100, start_step=0).step(event, 0.25)  # type: ignore[arg-type]
+    bar = terminal.getvalue()
+    assert bar.startswith("\r[############............] step 50/100 | loss 2.5000")
+    assert "1,234 tokens/s | MFU 25.0% | ETA" in bar and "\n" not in bar
+    assert pipe.getvalue().startswith("step    50 | loss 2.5000 | lr 1.00e-03 | 1,234 tokens/s")
+    assert pipe.getvalue().endswith("\n")

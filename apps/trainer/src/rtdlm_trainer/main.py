@@ -454,7 +454,8 @@ def run(
                     if cfg.train.on_nonfinite == "rollback" and saved_step and rollbacks < 3:
                         manager.wait()
                         rollbacks += 1
-                        state, _ = restore(manager, cfg)
+                        restored, _ = restore(manager, cfg)
+                        state = restored._replace(nonfinite_in_row=jax.numpy.zeros((), "int32"))
                         data_state = event.data_state  # skip the batches that went bad
                         restart = state
                         progress.message(
@@ -470,9 +471,11 @@ def run(
                     )
                     code = 1
                     break
+                # only good states are checkpointed, so a rollback lands before the trouble
                 if (
                     event.step % cfg.train.checkpoint_every == 0
                     and event.step < cfg.train.max_steps
+                    and event.nonfinite_in_row == 0
                 ):
                     save(manager, cfg, event, evals, metrics)
                     saved_step = event.step

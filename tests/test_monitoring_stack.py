@@ -29,6 +29,7 @@ from rtdlm.metrics import PrometheusTrainingCallback, start_server
 from rtdlm.model import flops_per_token
 from rtdlm.train import BYTE_VOCAB_SIZE, EvalLog, resolve, train
 from rtdlm.train.data import split_documents, stdlib_documents
+from rtdlm_trainer.main import report_step
 
 MONITORING = Path("infra/monitoring")
 pytestmark = pytest.mark.slow
@@ -84,16 +85,7 @@ def training() -> Iterator[tuple[PrometheusTrainingCallback, str, Callable[[], I
             if isinstance(event, EvalLog):
                 callback.on_eval(event.step, loss=event.loss)
             else:
-                callback.on_step(
-                    event.step,
-                    loss=event.loss,
-                    learning_rate=event.learning_rate,
-                    tokens=event.tokens,
-                    step_seconds=event.step_seconds,
-                    grad_norm=event.grad_norm,
-                    data_wait_seconds=event.data_wait_seconds,
-                    flops=flops_per_token(cfg.model) * event.tokens,
-                )
+                report_step(callback, event, flops_per_token(cfg.model) * event.tokens)
             yield event
 
     try:

@@ -289,6 +289,20 @@ def restore(manager: ckpt.CheckpointManager, cfg: RunConfig) -> tuple[TrainState
     return state, restored.data_state
 
 
+def report_step(metrics: PrometheusTrainingCallback, event: StepLog, flops: float) -> None:
+    """One step's log into the Prometheus metrics; `flops`: the step's model FLOPs."""
+    metrics.on_step(
+        event.step,
+        loss=event.loss,
+        learning_rate=event.learning_rate,
+        tokens=event.tokens,
+        step_seconds=event.step_seconds,
+        grad_norm=event.grad_norm,
+        data_wait_seconds=event.data_wait_seconds,
+        flops=flops,
+    )
+
+
 def save(
     manager: ckpt.CheckpointManager,
     cfg: RunConfig,
@@ -432,16 +446,7 @@ def run(
                 )
                 steps_log.flush()
                 step_flops = flops_per_token_ * event.tokens
-                metrics.on_step(
-                    event.step,
-                    loss=event.loss,
-                    learning_rate=event.learning_rate,
-                    tokens=event.tokens,
-                    step_seconds=event.step_seconds,
-                    grad_norm=event.grad_norm,
-                    data_wait_seconds=event.data_wait_seconds,
-                    flops=step_flops,
-                )
+                report_step(metrics, event, step_flops)
                 progress.step(event, step_flops / event.step_seconds / peak.flops_per_second)
                 if args.profile and event.step - start_step == 2:
                     jax.profiler.start_trace(str(run_dir / "profile"))

@@ -44,7 +44,11 @@ def test_routing_weights_capacity_and_drop_count(
     assert (kept_per_expert <= cap).all()
     assert int(stats.dropped) == int((~kept).sum()) and int(stats.assignments) == k * tokens
     assert np.isfinite(stats.load_balance_loss) and np.isfinite(stats.router_z_loss)
-    assert float(stats.load_balance_loss) >= 0.99  # 1 when perfectly balanced
+    # E * sum_e(fraction_e * mean_prob_e): positive, at most E; no tighter bound holds for
+    # top-2 on a handful of tokens (hypothesis found 0.98 for 2 tokens, 3 experts)
+    assert 0.0 < float(stats.load_balance_loss) <= experts + 1e-5
+    uniform = route(jnp.zeros_like(logits), cfg, cap)[-1]
+    np.testing.assert_allclose(float(uniform.load_balance_loss), 1.0, rtol=1e-5)  # balanced: 1
 
 
 def dense_reference(params: hk.Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -93,10 +93,10 @@ def test_async_save_returns_before_the_bytes_are_written_and_is_donation_safe(
     clobber = jax.jit(lambda t: jax.tree.map(lambda x: x * 0 - 1, t), donate_argnums=0)
     with CheckpointManager(tmp_path) as manager:
         info = manager.save(1, params=big)
-        assert manager.steps() == []  # still being written
+        assert manager.steps() == [] and manager.committed() is None  # still being written
         clobber(big)  # the caller may reuse or donate the buffers right away
         manager.wait()
-        assert manager.steps() == [1]
+        assert manager.steps() == [1] and manager.committed() == 1
         np.testing.assert_array_equal(np.asarray(manager.restore().params["w"]), expected)
     assert info.step == 1 and 0 <= info.wait_seconds <= info.blocking_seconds
 

@@ -308,8 +308,8 @@ def save(
     cfg: RunConfig,
     event: StepLog,
     evals: list[EvalLog],
-    metrics: PrometheusTrainingCallback,
-) -> None:
+) -> float:
+    """Starts an async save; returns how long it blocked training."""
     info = manager.save(
         event.step,
         params=event.state.params,
@@ -320,7 +320,18 @@ def save(
         metrics={"eval_loss": evals[-1].loss} if evals and evals[-1].step == event.step else None,
         metadata={"nonfinite_in_row": event.nonfinite_in_row},
     )
-    metrics.on_checkpoint(event.step, save_seconds=info.blocking_seconds)
+    return info.blocking_seconds
+
+
+def report_checkpoint(
+    manager: ckpt.CheckpointManager,
+    metrics: PrometheusTrainingCallback,
+    blocked: dict[int, float],
+) -> None:
+    """Reports a save once it has committed, not when it starts: alerts trust the timestamp."""
+    step = manager.committed()
+    if step is not None and step in blocked:
+        metrics.on_checkpoint(step, save_seconds=blocked.pop(step))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,6 +424,7 @@ def run(
     evals: list[EvalLog] = []
     last: StepLog | None = None
     saved_step = manager.latest_step()
+    blocked: dict[int, float] = {}  # saves started, not yet reported as committed
     tokens_seen, code, rollbacks = 0, 0, 0
     profiling = False
     steps_log = (run_dir / "steps.jsonl").open("a")  # every step, exact floats, appended on resume
@@ -447,6 +459,7 @@ def run(
                 steps_log.flush()
                 step_flops = flops_per_token_ * event.tokens
                 report_step(metrics, event, step_flops)
+                report_checkpoint(manager, metrics, blocked)
                 progress.step(event, step_flops / event.step_seconds / peak.flops_per_second)
                 if args.profile and event.step - start_step == 2:
                     jax.profiler.start_trace(str(run_dir / "profile"))
@@ -482,7 +495,7 @@ def run(
                     and event.step < cfg.train.max_steps
                     and event.nonfinite_in_row == 0
                 ):
-                    save(manager, cfg, event, evals, metrics)
+                    blocked[event.step] = save(manager, cfg, event, evals)
                     saved_step = event.step
                 if signals.received is not None:
                     break
@@ -491,8 +504,9 @@ def run(
         if profiling:
             jax.profiler.stop_trace()
         if last is not None and code == 0 and saved_step != last.step:
-            save(manager, cfg, last, evals, metrics)
+            blocked[last.step] = save(manager, cfg, last, evals)
         manager.wait()
+        report_checkpoint(manager, metrics, blocked)
     finally:
         steps_log.close()
         signals.restore()

@@ -192,6 +192,7 @@ class CheckpointManager:
         self._read_only = read_only
         self._async = async_save
         self._writing: int | None = None
+        self._committed: int | None = None
         self._git_revision: str | None = None
         self._versions: dict[str, str] | None = None
         options = ocp.CheckpointManagerOptions(
@@ -227,6 +228,17 @@ class CheckpointManager:
     def wait(self) -> None:
         """Blocks until the save in flight is committed (or raises its error)."""
         self._manager.wait_until_finished()
+
+    def committed(self) -> int | None:
+        """The newest step this manager saved that is committed by now; never blocks."""
+        writing = self._writing
+        if (
+            writing is not None
+            and not self._manager.is_saving_in_progress()
+            and (self.directory / str(writing)).exists()
+        ):
+            self._committed = writing
+        return self._committed
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first (a save in flight is not one until it commits)."""
@@ -274,6 +286,7 @@ class CheckpointManager:
         started = time.perf_counter()
         self.wait()
         waited = time.perf_counter() - started
+        self.committed()  # the previous save, if any, is committed now
         latest = self._manager.latest_step()
         if latest is not None and step <= latest:
             raise CheckpointError(

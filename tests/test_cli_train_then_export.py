@@ -169,3 +169,20 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
     assert "1,234 tokens/s | MFU 25.0% | ETA" in bar and "\n" not in bar
     assert pipe.getvalue().startswith("step    50 | loss 2.5000 | lr 1.00e-03 | 1,234 tokens/s")
     assert pipe.getvalue().endswith("\n")
+
+
+def test_resuming_onto_unusable_checkpoints_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = ["--run-dir", str(tmp_path / "run"), "--sample-tokens", "0"]
+    assert trainer([*FAST, *run]) == 0
+    for path in (tmp_path / "run" / "checkpoints").rglob("*"):
+        if path.is_file() and "/params/" in str(path):
+            path.write_bytes(b"garbage")
+    capsys.readouterr()
+    assert trainer([*FAST, *run, "--max-steps", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("trainer: error: no intact checkpoint in ") and "\n" not in err
+    assert any(
+        p.name.startswith("3.corrupt-") for p in (tmp_path / "run" / "checkpoints").iterdir()
+    )

@@ -409,7 +409,12 @@ def run(
     manager = ckpt.CheckpointManager(run_dir / "checkpoints", retention)
     state, data_state = None, None
     if args.resume and manager.latest_step() is not None:
-        state, data_state = restore(manager, cfg)
+        try:
+            state, data_state = restore(manager, cfg)
+        except ckpt.CheckpointError as error:  # nothing intact, or another model's checkpoint
+            print(f"trainer: error: {error}", file=sys.stderr)
+            manager.close()
+            return 2
         print(f"resumed from step {int(state.step)} in {manager.directory}", flush=True)
     start_step = 0 if state is None else int(state.step)
     if start_step >= cfg.train.max_steps:

@@ -18,7 +18,10 @@ def tool() -> Callable[[str], str]:
         )
         if path is not None:
             return path
-        message = f"{name} is not installed: apt-get install prometheus prometheus-alertmanager"
+        message = (
+            f"{name} is not installed, so this monitoring test cannot run: "
+            "build-support/install-monitoring-tools.sh installs it (Debian's packages)"
+        )
         if os.environ.get("RTDLM_REQUIRE_MONITORING_TOOLS"):
             pytest.fail(message)
         pytest.skip(message)

@@ -3,7 +3,6 @@
 import io
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -37,7 +36,7 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert trainer(["--preset", "tiny", *FAST, "--run-dir", str(tmp_path / "run")]) == 0
     assert "nothing to do, step 3 >= train.max_steps" in capsys.readouterr().out
     assert trainer([*FAST, "--no-resume", "--run-dir", str(tmp_path / "run")]) == 2
-    assert "already holds checkpoints and --no-resume was given" in capsys.readouterr().err
+    assert "already holds checkpoints and resuming is off (--no-resume)" in capsys.readouterr().err
     assert (
         exporter(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output", str(output)])
         == 2
@@ -54,7 +53,8 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (
             ["--set", "optimizer.lr=1"],
             "unknown key 'optimizer.lr'; valid keys under optimizer are "
-            "learning_rate, min_lr_ratio, warmup_steps, weight_decay, b1, b2, eps, clip_norm",
+            "learning_rate, min_lr_ratio, warmup_steps, decay_steps, weight_decay, b1, b2, eps, "
+            "clip_norm",
         ),
         (
             ["--config", "/nonexistent.yaml"],
@@ -133,9 +133,9 @@ def test_nonfinite_steps_are_skipped_then_training_stops(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert trainer([*FAST, *NAN, "--run-dir", str(tmp_path / "run")]) == 1
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "SKIPPED (non-finite)" in out
-    assert "trainer: error: 2 non-finite steps in a row at step 3: stopping" in out
+    assert err.startswith("trainer: error: 2 non-finite steps in a row at step 3: stopping")
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
 
 
@@ -144,10 +144,10 @@ def test_rollback_reloads_the_last_good_checkpoint_at_most_three_times(
 ) -> None:
     rollback = ["--set", "train.on_nonfinite=rollback"]
     assert trainer([*FAST, *NAN, *rollback, "--run-dir", str(tmp_path / "run")]) == 1
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     for n in (1, 2, 3):
         assert f"rolled back to step 1 (rollback {n} of 3), skipping those batches" in out
-    assert "stopping" in out
+    assert "stopping" in err
 
 
 class Terminal(io.StringIO):
@@ -156,19 +156,26 @@ class Terminal(io.StringIO):
 
 
 def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
-    from rtdlm_trainer.main import Progress
+    from rtdlm.train import EvalLog, Progress, StepLog
 
-    event = SimpleNamespace(
-        step=50, loss=2.5, learning_rate=1e-3, tokens_per_second=1234.0, skipped=False
-    )
+    logs = [StepLog(step, 2.5, 1e-3, 1.0, 1234, 1.0, 0.0, 2.5e11, False, 0) for step in (50, 51)]
     terminal, pipe = Terminal(), io.StringIO()
-    Progress(terminal, max_steps=100, start_step=0).step(event, 0.25)  # type: ignore[arg-type]
-    Progress(pipe, max_steps=100, start_step=0).step(event, 0.25)  # type: ignore[arg-type]
+    for stream in (terminal, pipe):
+        progress = Progress(stream, max_steps=100, peak_flops=1e12)
+        for log in logs:
+            progress.on_step(log)
+        progress.on_eval(EvalLog(51, 2.0))
+        progress.on_end(None)  # type: ignore[arg-type]
     bar = terminal.getvalue()
-    assert bar.startswith("\r[############............] step 50/100 | loss 2.5000")
-    assert "1,234 tokens/s | MFU 25.0% | ETA" in bar and "\n" not in bar
-    assert pipe.getvalue().startswith("step    50 | loss 2.5000 | lr 1.00e-03 | 1,234 tokens/s")
-    assert pipe.getvalue().endswith("\n")
+    assert "51/100" in bar and "loss 2.5000 | 1,234 tokens/s | MFU 25.0%" in bar and "\r" in bar
+    assert "step    51 | held-out loss 2.0000 | perplexity 7.39\n" in bar
+    lines = pipe.getvalue().splitlines()
+    assert lines[0].startswith(
+        "step    50 | loss 2.5000 | 1,234 tokens/s | MFU 25.0% | lr 1.00e-03"
+    )
+    assert (
+        lines[2] == "step    51 | held-out loss 2.0000 | perplexity 7.39" and "\r" not in lines[0]
+    )
 
 
 def test_resuming_onto_unusable_checkpoints_is_one_clear_line(

@@ -26,10 +26,18 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from rtdlm.metrics import PrometheusTrainingCallback, start_server
-from rtdlm.model import flops_per_token
-from rtdlm.train import BYTE_VOCAB_SIZE, EvalLog, resolve, train
+from rtdlm.train import (
+    BYTE_VOCAB_SIZE,
+    Callback,
+    CheckpointLog,
+    EvalLog,
+    Prometheus,
+    RunResult,
+    StepLog,
+    Trainer,
+    resolve,
+)
 from rtdlm.train.data import split_documents, stdlib_documents
-from rtdlm_trainer.main import report_step
 
 MONITORING = Path("infra/monitoring")
 pytestmark = pytest.mark.slow
@@ -65,7 +73,9 @@ def scrape(url: str) -> dict[str, float]:
 
 
 @pytest.fixture
-def training() -> Iterator[tuple[PrometheusTrainingCallback, str, Callable[[], Iterator[Any]]]]:
+def training(
+    tmp_path: Path,
+) -> Iterator[tuple[PrometheusTrainingCallback, str, Callable[..., RunResult]]]:
     registry = CollectorRegistry()
     callback = PrometheusTrainingCallback(registry, run="stack", peak_flops_per_second=1e11)
     server = start_server(registry, "127.0.0.1", 0)
@@ -74,19 +84,17 @@ def training() -> Iterator[tuple[PrometheusTrainingCallback, str, Callable[[], I
         sets=[
             *["model.seq_len=32", "model.num_layers=1", "data.batch_size=2"],
             *["train.max_steps=40", "train.eval_every=10", "optimizer.warmup_steps=5"],
+            "train.checkpoint_every=20",
         ],
         vocab_size=BYTE_VOCAB_SIZE,
     )
     data = split_documents(stdlib_documents())
 
-    def run_training() -> Iterator[Any]:
-        """The real loop, reporting through the callback as the trainer does; yields each log."""
-        for event in train(cfg, data):
-            if isinstance(event, EvalLog):
-                callback.on_eval(event.step, loss=event.loss)
-            else:
-                report_step(callback, event, flops_per_token(cfg.model) * event.tokens)
-            yield event
+    def run_training(*more: Callback) -> RunResult:
+        """The real Trainer, reporting through the Prometheus callback as the trainer app does;
+        `more` callbacks hear each event after the metrics were updated."""
+        callbacks = [Prometheus(callback), *more]
+        return Trainer(cfg, data, tmp_path / "run", callbacks, compile_cache=False).run()
 
     try:
         yield callback, server.url, run_training
@@ -94,25 +102,41 @@ def training() -> Iterator[tuple[PrometheusTrainingCallback, str, Callable[[], I
         server.close()
 
 
-def test_scraped_values_agree_with_what_the_loop_logged(training: Any) -> None:
-    callback, url, run_training = training
-    steps = 0
-    for event in run_training():
-        samples = scrape(url)  # over HTTP, mid-run
-        if isinstance(event, EvalLog):
-            assert samples["rtdlm_eval_loss"] == pytest.approx(event.loss)
-            continue
-        steps += 1
-        assert samples["rtdlm_training_loss"] == pytest.approx(event.loss)
-        assert samples["rtdlm_training_perplexity"] == pytest.approx(math.exp(event.loss))
-        assert samples["rtdlm_training_learning_rate"] == pytest.approx(event.learning_rate)
-        assert samples["rtdlm_gradient_norm"] == pytest.approx(event.grad_norm)
-        assert samples["rtdlm_tokens_per_second"] == pytest.approx(event.tokens_per_second)
-        assert samples["rtdlm_training_steps_total"] == steps
-        assert samples["rtdlm_training_step"] == event.step
-        assert samples["rtdlm_batch_time_seconds_count"] == steps
-        assert 0 < samples["rtdlm_model_flops_utilization"] < 1
-    assert steps == 40
+def test_scraped_values_agree_with_what_the_trainer_reported(training: Any) -> None:
+    _, url, run_training = training
+
+    class Scrape(Callback):
+        """Scrapes over HTTP, mid-run, right after each event reached the metrics."""
+
+        steps = 0
+        checkpoints: ClassVar[list[int]] = []
+
+        def on_step(self, log: StepLog) -> None:
+            samples = scrape(url)
+            Scrape.steps += 1
+            assert samples["rtdlm_training_loss"] == pytest.approx(log.loss)
+            assert samples["rtdlm_training_perplexity"] == pytest.approx(math.exp(log.loss))
+            assert samples["rtdlm_training_learning_rate"] == pytest.approx(log.learning_rate)
+            assert samples["rtdlm_gradient_norm"] == pytest.approx(log.grad_norm)
+            assert samples["rtdlm_tokens_per_second"] == pytest.approx(log.tokens_per_second)
+            assert samples["rtdlm_training_steps_total"] == Scrape.steps
+            assert samples["rtdlm_training_step"] == log.step
+            assert samples["rtdlm_batch_time_seconds_count"] == Scrape.steps
+            assert samples["rtdlm_data_wait_seconds_count"] == Scrape.steps
+            assert 0 < samples["rtdlm_model_flops_utilization"] < 1
+
+        def on_eval(self, log: EvalLog) -> None:
+            assert scrape(url)["rtdlm_eval_loss"] == pytest.approx(log.loss)
+
+        def on_checkpoint_committed(self, log: CheckpointLog) -> None:
+            Scrape.checkpoints.append(log.step)
+            samples = scrape(url)
+            assert samples["rtdlm_checkpoint_save_seconds_count"] == len(Scrape.checkpoints)
+            assert samples["rtdlm_checkpoint_errors_total"] == 0
+
+    result = run_training(Scrape())
+    assert result.status == "completed" and Scrape.steps == 40
+    assert Scrape.checkpoints == [20, 40]
 
 
 class Webhook(BaseHTTPRequestHandler):
@@ -185,8 +209,12 @@ def test_prometheus_scrapes_dashboard_queries_answer_and_alerts_reach_alertmanag
     try:
         wait_for("Prometheus", lambda: get_json(f"{api}/status/buildinfo"))
         wait_for("the exporter to be up", lambda: [r for r in query("up") if r["value"][1] == "1"])
-        for _ in run_training():  # train while Prometheus scrapes every second
-            time.sleep(0.05)
+
+        class Slow(Callback):
+            def on_step(self, log: StepLog) -> None:
+                time.sleep(0.05)  # train while Prometheus scrapes every second
+
+        assert run_training(Slow()).ok
         wait_for("a few scrapes", lambda: query("count_over_time(rtdlm_training_loss[1m]) >= 5"))
 
         dashboard = json.loads((MONITORING / "grafana/dashboards/rtdlm-training.json").read_text())

@@ -4,10 +4,14 @@ so it can be SIGKILLed mid-save, or start JAX with a different number of devices
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import signal
 import sys
+import time
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +19,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from rtdlm.ckpt import CheckpointManager, Retention, integrity
+from rtdlm.ckpt import CheckpointManager, CheckpointSaveError, Retention, integrity
 
 
 def die() -> None:
@@ -177,6 +181,78 @@ def reshard(args: argparse.Namespace) -> None:
     print(f"restored onto {len(jax.devices())} devices", flush=True)
 
 
+# -- a full disk: one save fits, the next does not, then space comes back ---------------------
+
+FITS = (256, 1024)  # 1 MiB of float32
+DOES_NOT_FIT = (1024, 1024)  # 4 MiB
+
+
+def disk_params(step: int, shape: tuple[int, int]) -> dict:
+    """Random, so tensorstore's compression cannot make it fit."""
+    return {"w": np.random.default_rng(step).standard_normal(shape, dtype=np.float32)}
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """A file that leaves `leave` bytes free on `directory`'s filesystem."""
+    filler = directory / "filler"
+    usage = os.statvfs(directory)
+    with filler.open("wb") as f:
+        f.write(b"\1" * max(usage.f_bavail * usage.f_frsize - leave, 0))
+    return filler
+
+
+def poll_until_failed(manager: CheckpointManager, step: int) -> CheckpointSaveError:
+    """What a training loop does: ask committed() every step until the save resolves."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if manager.committed() == step:
+                raise AssertionError(f"step {step} was saved on a full disk")
+        except CheckpointSaveError as error:
+            return error
+        time.sleep(0.01)
+    raise AssertionError(f"step {step} neither failed nor committed in 120 s")
+
+
+def full_disk(args: argparse.Namespace) -> None:
+    """Saves step 10, fills the disk (or lowers RLIMIT_FSIZE), saves step 20, which fails,
+    frees the space and saves step 30; prints the error as a trainer would, then a JSON
+    report. The test reads this process's whole stderr."""
+    directory = Path(args.dir) / "checkpoints"
+    if args.fsize_limit:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    report: dict = {}
+    with CheckpointManager(directory, Retention(keep_last=1)) as manager:
+        manager.save(10, params=disk_params(10, FITS), opt_state={"mu": disk_params(11, FITS)})
+        manager.wait()
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if args.fsize_limit:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_limit, hard))
+        else:
+            filler = fill(Path(args.dir), leave=2 * 2**20)
+        big = disk_params(20, DOES_NOT_FIT)
+        manager.save(20, params=big, opt_state={"mu": big, "nu": big})
+        error = poll_until_failed(manager, 20)
+        print(f"trainer: checkpoint error: {error}", flush=True)
+        report["error"] = {
+            "step": error.step,
+            "path": str(error.path),
+            "free_bytes": error.free_bytes,
+            "last_good": error.last_good,
+            "errno": error.errno,
+        }
+        report["left_after_failure"] = sorted(p.name for p in directory.iterdir())
+        report["restored"] = manager.restore(10).step
+        if args.fsize_limit:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        else:
+            filler.unlink()
+        manager.save(30, params=big, opt_state={"mu": big, "nu": big})
+        manager.wait()
+        report["steps"] = manager.steps()
+    print(json.dumps(report), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,8 +268,12 @@ def main() -> None:
     r = sub.add_parser("reshard")
     r.add_argument("action", choices=["save", "restore"])
     r.add_argument("--dir", required=True)
+    f = sub.add_parser("full-disk")
+    f.add_argument("--dir", required=True)
+    f.add_argument("--fsize-limit", type=int, help="RLIMIT_FSIZE instead of filling the disk")
     args = parser.parse_args()
-    {"train": train, "spin": spin, "reshard": reshard}[args.command](args)
+    commands = {"train": train, "spin": spin, "reshard": reshard, "full-disk": full_disk}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -290,3 +290,37 @@ def test_restored_state_drives_training_identically(tmp_path: Path) -> None:
     straight = step(params, opt_state)
     resumed = step(ckpt.params, ckpt.opt_state)
     assert_trees_equal(straight, resumed)
+
+
+def test_the_best_checkpoint_survives_retention_and_restores_by_name(tmp_path: Path) -> None:
+    retention = Retention(keep_last=1, keep_best=1)
+    losses = {10: 3.0, 20: 0.5, 30: 2.0, 40: 0.9}  # the best is an early step
+    with CheckpointManager(tmp_path, retention) as manager:
+        assert manager.best_step() is None
+        for step, loss in losses.items():
+            manager.save(step, params=model_params(step), metrics={"eval_loss": loss})
+        manager.save(50, params=model_params(50))  # no eval at this step
+        manager.wait()
+        assert manager.steps() == [20, 50]
+        assert manager.best_step() == 20
+        best = manager.restore("best")
+        assert best.step == 20 and best.metadata["metrics"] == {"eval_loss": 0.5}
+        assert_trees_equal(best.params, model_params(20))
+    # a restarted run reads the metrics orbax keeps beside each step
+    with CheckpointManager(tmp_path, retention) as manager:
+        assert manager.best_step() == 20
+        manager.save(60, params=model_params(60), metrics={"eval_loss": 0.5})  # a tie: later wins
+        manager.wait()
+        assert manager.steps() == [60] and manager.best_step() == 60
+    assert restore_params(tmp_path, step="best").step == 60
+    maximising = Retention(keep_best=1, best_metric="accuracy", best_mode="max")
+    with CheckpointManager(tmp_path / "acc", maximising) as manager:
+        for step, accuracy in {1: 0.7, 2: 0.9, 3: 0.8}.items():
+            manager.save(step, params=model_params(step), metrics={"accuracy": accuracy})
+        manager.wait()
+        assert manager.best_step() == 2
+    assert restore_params(tmp_path / "acc", step="best", retention=maximising).step == 2
+    with pytest.raises(
+        CheckpointError, match=r"has the metric 'eval_loss'.*one of steps \[1, 2, 3\]"
+    ):
+        restore_params(tmp_path / "acc", step="best")  # by default: the lowest eval_loss

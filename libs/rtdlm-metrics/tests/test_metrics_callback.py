@@ -73,6 +73,10 @@ def test_eval_and_checkpoint() -> None:
     assert value(registry, "rtdlm_checkpoint_save_seconds_count") == 1
     saved = value(registry, "rtdlm_checkpoint_last_success_timestamp_seconds")
     assert saved is not None and saved >= started
+    assert value(registry, "rtdlm_checkpoint_errors_total") == 0
+    cb.on_checkpoint_error(20)  # a failed save counts, and is not a success
+    assert value(registry, "rtdlm_checkpoint_errors_total") == 1
+    assert value(registry, "rtdlm_checkpoint_last_success_timestamp_seconds") == saved
 
 
 def test_cpu_exports_host_memory_and_no_fake_gpu_numbers() -> None:

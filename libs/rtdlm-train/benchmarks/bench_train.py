@@ -1,10 +1,11 @@
-"""Training-step throughput of the presets: tokens/s, MFU against a matmul probe, compile time.
+"""Training throughput of the presets: the step alone, and the whole run loop.
 
-Run: ./pants run libs/rtdlm-train/benchmarks:bench -- [--presets tiny small] [--steps 5]
+Run: ./pants run libs/rtdlm-train/benchmarks:bench -- [--presets tiny small] [--steps 5] [--loop]
 
-The step is the trainer's own (AdamW, clipping, accumulation, non-finite guard). Machine speed
-drifts, so every timed step is followed by a float32 matmul probe and MFU is their ratio; the
-medians over steps are the numbers to compare.
+`step` times the trainer's compiled step (AdamW, clipping, accumulation, non-finite guard)
+with a wait after each; `--loop` runs the real Trainer (data prefetch, metrics read one step
+late, callbacks, steps.jsonl) and times its steps as reported. Machine speed drifts, so every
+number is paired with a float32 matmul probe taken beside it, and MFU is their ratio.
 """
 
 from __future__ import annotations
@@ -12,41 +13,43 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
+import tempfile
 import time
 
 import jax
 
 from rtdlm.metrics import measure_matmul_flops
 from rtdlm.model import build_with_stats, flops_per_token, param_count
-from rtdlm.train import Batch, resolve
+from rtdlm.train import Batch, Callback, StepLog, Trainer, resolve
+from rtdlm.train.config import RunConfig, for_first_start
 from rtdlm.train.data import split_documents, stdlib_documents
 from rtdlm.train.loop import init_state, make_optimizer, make_train_step
 from rtdlm.train.pipeline import packed_batches
 
 BATCH = {"tiny": 8, "small": 2, "medium": 1, "large": 1}
+DATA = split_documents(stdlib_documents())
 
 
-def bench(name: str, steps: int, micro_batches: int) -> dict[str, float]:
+def config(name: str, micro_batches: int, steps: int, *sets: str) -> RunConfig:
     batch_size = BATCH[name] * micro_batches
-    cfg = resolve(
-        name,
-        sets=[f"data.batch_size={batch_size}", f"data.micro_batches={micro_batches}"],
-        vocab_size=256,
+    sets = (f"data.batch_size={batch_size}", f"data.micro_batches={micro_batches}", *sets)
+    return for_first_start(
+        resolve(name, sets=[*sets, f"train.max_steps={steps}", "metrics.enabled=false"])
     )
+
+
+def bench_step(cfg: RunConfig, steps: int) -> dict[str, float]:
     model = build_with_stats(cfg.model)
-    optimizer = make_optimizer(cfg.optimizer, 1000)
+    optimizer = make_optimizer(cfg.optimizer)
     state = init_state(model, optimizer, cfg)
     step = make_train_step(model, optimizer, cfg)
-    stream = packed_batches(
-        split_documents(stdlib_documents()).train, batch_size, cfg.model.seq_len, 0
-    )
+    stream = packed_batches(DATA.train, cfg.data.batch_size, cfg.model.seq_len, 0)
     batches = [Batch(t, s) for t, s, _ in itertools.islice(stream, steps + 1)]
     start = time.perf_counter()
     state, metrics = step(state, batches[0])
     jax.block_until_ready(metrics.loss)
     compile_s = time.perf_counter() - start
-    n_tokens = batch_size * cfg.model.seq_len
-    step_flops = flops_per_token(cfg.model) * n_tokens
+    n_tokens = cfg.data.batch_size * cfg.model.seq_len
     rates, mfus = [], []
     for batch in batches[1:]:
         start = time.perf_counter()
@@ -55,13 +58,39 @@ def bench(name: str, steps: int, micro_batches: int) -> dict[str, float]:
         seconds = time.perf_counter() - start
         probe = measure_matmul_flops(repeats=3)  # right beside the step it is compared with
         rates.append(n_tokens / seconds)
-        mfus.append(step_flops / seconds / probe)
+        mfus.append(flops_per_token(cfg.model) * n_tokens / seconds / probe)
     return {
-        "params": param_count(cfg.model),
-        "tokens/step": n_tokens,
-        "compile+first s": compile_s,
+        "compile s": compile_s,
         "tokens/s": statistics.median(rates),
-        "MFU vs matmul": statistics.median(mfus),
+        "MFU": statistics.median(mfus),
+    }
+
+
+class Clock(Callback):
+    def __init__(self) -> None:
+        self.logs: list[StepLog] = []
+
+    def on_step(self, log: StepLog) -> None:
+        self.logs.append(log)
+
+
+def bench_loop(cfg: RunConfig, steps: int) -> dict[str, float]:
+    """The Trainer's own step times after two warm-up steps, with probes before and after."""
+    clock = Clock()
+    before = measure_matmul_flops(repeats=3)
+    with tempfile.TemporaryDirectory() as run_dir:
+        start = time.perf_counter()
+        Trainer(cfg, DATA, run_dir, [clock], compile_cache=False).run()
+        total = time.perf_counter() - start
+    probe = statistics.mean([before, measure_matmul_flops(repeats=3)])
+    timed = clock.logs[2:]
+    seconds = sum(log.step_seconds for log in timed)
+    tokens = sum(log.tokens for log in timed)
+    return {
+        "compile s": clock.logs[0].step_seconds,
+        "tokens/s": tokens / seconds,
+        "MFU": sum(log.flops for log in timed) / seconds / probe,
+        "run s": total,
     }
 
 
@@ -70,16 +99,25 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=list(BATCH))
     parser.add_argument("--steps", type=int, default=5, help="timed steps after compilation")
     parser.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation")
+    parser.add_argument("--loop", action="store_true", help="time the whole Trainer loop")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE")
     args = parser.parse_args()
     print(
         f"{'preset':8s} {'params':>12s} {'tokens/step':>12s} {'compile s':>10s} "
         f"{'tokens/s':>10s} {'MFU':>7s}"
     )
     for name in args.presets:
-        row = bench(name, args.steps, args.micro_batches)
+        if args.loop:  # eval and checkpoint only at the end: the loop's steady state
+            steps = args.steps + 2
+            every = [f"train.eval_every={steps}", f"train.checkpoint_every={steps}"]
+            row = bench_loop(config(name, args.micro_batches, steps, *every, *args.sets), steps)
+        else:
+            row = bench_step(config(name, args.micro_batches, args.steps, *args.sets), args.steps)
+        cfg = config(name, args.micro_batches, 1, *args.sets)
         print(
-            f"{name:8s} {row['params']:12,.0f} {row['tokens/step']:12,.0f} "
-            f"{row['compile+first s']:10.1f} {row['tokens/s']:10,.0f} {row['MFU vs matmul']:7.1%}",
+            f"{name:8s} {param_count(cfg.model):12,.0f} "
+            f"{cfg.data.batch_size * cfg.model.seq_len:12,.0f} {row['compile s']:10.1f} "
+            f"{row['tokens/s']:10,.0f} {row['MFU']:7.1%}",
             flush=True,
         )
 

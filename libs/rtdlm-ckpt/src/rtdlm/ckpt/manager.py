@@ -13,22 +13,31 @@ nothing else:
 Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it when complete; the manifest is
 written in that window, so a killed save leaves only a temporary directory, which restore never
 sees and the next manager removes. Nothing is pickled: restoring reads arrays and JSON only.
+
+A save that fails (a full disk) is one CheckpointSaveError, raised once by whichever call
+learns of it first, after its temporary directory is removed; the manager then saves again as
+usual. orbax's own reports of it, a traceback from each of its threads, are dropped (quiet.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
+import errno
 import importlib.metadata
 import json
 import logging
 import math
 import os
+import re
+import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +45,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from rtdlm.ckpt import integrity
-from rtdlm.ckpt.retention import PreservationPolicy, Retention
+from rtdlm.ckpt import integrity, quiet
+from rtdlm.ckpt.retention import PreservationPolicy, Retention, best_of
 
 PyTree = Any
 log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_QUIET_SECONDS = 0.2  # after a failed save, how long its temporary directory must stay gone
 _STATE_ITEMS = ("params", "opt_state")
 _JSON_ITEMS = ("data_state", "config", "rtdlm")
 _VERSIONED = ("jax", "jaxlib", "orbax-checkpoint", "tensorstore", "numpy", "optax", "dm-haiku")
@@ -54,6 +64,56 @@ class CheckpointError(Exception):
 
 class CorruptCheckpointError(CheckpointError):
     """A checkpoint whose files are missing, truncated or altered."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that failed (a full disk, say): what was lost, what is left, and what to do.
+
+    Raised once per failed step, by whichever call first learns of it (save, wait, committed,
+    close). By then the partial save is removed and the manager can save again. The cause's
+    text is kept in `reason` (an OSError's strerror where there is one); its traceback, which
+    runs through orbax's threads, is not (it is logged at DEBUG by rtdlm.ckpt.manager).
+    """
+
+    def __init__(
+        self,
+        step: int,
+        path: epath.Path,
+        reason: str,
+        *,
+        errno: int | None = None,
+        free_bytes: int | None = None,
+        last_good: int | None = None,
+        removed: bool = True,
+    ) -> None:
+        self.step = step
+        self.path = path  # the step's directory, which was never committed
+        self.reason = reason
+        self.errno = errno
+        self.free_bytes = free_bytes  # in the checkpoint directory when the save failed
+        self.last_good = last_good  # the newest committed step that is intact, if any
+        self.removed = removed
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        free = "" if self.free_bytes is None else f" ({_size(self.free_bytes)} free)"
+        directory = self.path.parent
+        parts = [
+            f"checkpoint step {self.step} could not be saved to {self.path}: {self.reason}{free}",
+            "the partial save was removed"
+            if self.removed
+            else f"the partial save in {directory} could not be removed",
+            f"there is no earlier checkpoint in {directory}"
+            if self.last_good is None
+            else f"the last good checkpoint is step {self.last_good} in {directory}",
+        ]
+        hints = {
+            errno.ENOSPC: "free space or lower train.keep_checkpoints",
+            errno.EDQUOT: "free space or lower train.keep_checkpoints",
+            errno.EFBIG: "raise the file size limit (ulimit -f) or free space",
+        }
+        hint = hints.get(self.errno) if self.errno is not None else None
+        return "; ".join(parts) + (f": {hint}" if hint else "")
 
 
 @dataclass(frozen=True)
@@ -171,6 +231,44 @@ def _summary(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# tensorstore reports an OS error inside a long message: `...: No space left on device
+# [os_error_code='28']`, raised by orbax as a ValueError.
+_OS_ERROR_CODE = re.compile(r"os_error_code\W{0,3}(\d+)")
+
+
+def _os_error(error: BaseException) -> tuple[str, int | None]:
+    """The strerror and errno behind a failed write, else a one-line summary and None."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current.strerror or os.strerror(current.errno), current.errno
+        if match := _OS_ERROR_CODE.search(str(current)):
+            code = int(match.group(1))
+            return os.strerror(code), code
+        current = current.__cause__ or current.__context__
+    return _summary(error), None
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def _free_bytes(directory: epath.Path) -> int | None:
+    if "://" in str(directory):
+        return None
+    try:
+        return shutil.disk_usage(os.fspath(directory)).free
+    except OSError:
+        return None
+
+
 class CheckpointManager:
     """Saves and restores training checkpoints under one directory.
 
@@ -189,10 +287,14 @@ class CheckpointManager:
         if not read_only and self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory} is a file: pass a directory for checkpoints")
         retention = retention or Retention()
+        quiet.install()
+        self.retention = retention
         self._read_only = read_only
         self._async = async_save
-        self._writing: int | None = None
+        self._writing: int | None = None  # the step `_seal` seals
+        self._pending: int | None = None  # the step saved whose outcome is not yet reported
         self._committed: int | None = None
+        self._failed_tmp: set[epath.Path] = set()  # removed, but stragglers may recreate them
         self._git_revision: str | None = None
         self._versions: dict[str, str] | None = None
         options = ocp.CheckpointManagerOptions(
@@ -218,27 +320,75 @@ class CheckpointManager:
     def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        try:
+            self.close()
+        except CheckpointSaveError as error:
+            if exc_type is None:
+                raise
+            log.warning("%s", error)  # another error is on its way out: do not mask it
 
     def close(self) -> None:
-        """Waits for the save in flight, then releases orbax's threads."""
-        self._manager.close()
+        """Waits for the save in flight, then releases orbax's threads.
+
+        Raises CheckpointSaveError if that save failed and nobody was told yet; the threads
+        are released either way.
+        """
+        try:
+            self.wait()
+        finally:
+            with quiet.claims.waiting():
+                try:
+                    self._manager.close()
+                except Exception as error:  # only a failure already reported can be left
+                    log.debug("orbax close after a reported failure: %s", _summary(error))
+            self._sweep()
 
     def wait(self) -> None:
-        """Blocks until the save in flight is committed (or raises its error)."""
-        self._manager.wait_until_finished()
+        """Blocks until the save in flight is committed.
+
+        Raises CheckpointSaveError if it failed (once: afterwards wait returns normally).
+        """
+        self._settle()
 
     def committed(self) -> int | None:
-        """The newest step this manager saved that is committed by now; never blocks."""
-        writing = self._writing
-        if (
-            writing is not None
-            and not self._manager.is_saving_in_progress()
-            and (self.directory / str(writing)).exists()
-        ):
-            self._committed = writing
+        """The newest step this manager saved that is committed by now; never blocks.
+
+        Poll it every training step: once the save in flight has failed, the next call raises
+        its CheckpointSaveError (once; the partial save is already removed when it does) and
+        later calls return the newest committed step again.
+        """
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self._settle()  # the save's threads are done: this only collects the outcome
         return self._committed
+
+    def _settle(self) -> None:
+        """Waits for orbax, then records the save's outcome or raises its failure, once."""
+        pending = self._pending
+        try:
+            with quiet.claims.waiting():
+                self._manager.wait_until_finished()
+        except Exception as error:
+            if pending is None:  # orbax raises a failure again in each new thread that waits
+                log.debug("orbax re-raised a save failure already reported: %s", _summary(error))
+                return
+            self._pending = None
+            if self._sealed(pending):  # it failed after the commit rename: nothing was lost
+                quiet.claims.finish(str(self.directory / str(pending)), failed=True)
+                self._committed = pending
+                self._manager.reload()  # orbax forgot the step when it raised
+                log.warning(
+                    "checkpoint step %d is committed, but orbax reported after the commit: %s",
+                    pending,
+                    _summary(error),
+                )
+                return
+            raise self._save_failed(pending, error) from None
+        if pending is not None:
+            self._pending = None
+            quiet.claims.finish(str(self.directory / str(pending)), failed=False)
+            if (self.directory / str(pending)).exists():
+                self._committed = pending
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first (a save in flight is not one until it commits)."""
@@ -257,6 +407,113 @@ class CheckpointManager:
             return
         tmp = self.directory / f"{self._writing}{_TMP_SUFFIX}"
         integrity.write_manifest(tmp if tmp.exists() else self.directory / str(self._writing))
+
+    def _save_failed(self, step: int, error: BaseException) -> CheckpointSaveError:
+        """Removes what the failed save left, so it takes no disk space, and says so."""
+        log.debug("checkpoint step %d failed", step, exc_info=error)
+        step_dir = self.directory / str(step)
+        free = _free_bytes(self.directory)  # before cleanup: what the save ran into
+        self._stop_writers()
+        removed = self._remove_partial(step)
+        quiet.claims.finish(str(step_dir), failed=True)
+        try:
+            self._manager.reload()  # orbax dropped steps it meant to delete after this save
+            last_good = self._last_good()
+        except Exception as reload_error:  # the message matters more than the last good step
+            log.debug("no last good step: %s", _summary(reload_error))
+            last_good = None
+        reason, code = _os_error(error)
+        return CheckpointSaveError(
+            step,
+            step_dir,
+            reason,
+            errno=code,
+            free_bytes=free,
+            last_good=last_good,
+            removed=removed,
+        )
+
+    def _stop_writers(self, timeout: float = 30.0) -> None:
+        """Cancels the failed save's other writes and waits for them (bounded).
+
+        orbax stops waiting at the first write that fails; the other items' writer threads go
+        on and would recreate the temporary directory after it is removed. orbax 0.12.8 has no
+        public handle on them once its save thread is done, so this reaches into private
+        attributes; if they move, the sweep before the next save removes what comes back.
+        """
+        checkpointer = getattr(self._manager, "_checkpointer", None)
+        futures = list(
+            getattr(getattr(checkpointer, "_async_manager", None), "_commit_futures", None) or []
+        )
+        for future in futures:
+            with contextlib.suppress(Exception):  # one that is done may object
+                future.cancel()  # unwritten arrays are not written at all
+        deadline = time.monotonic() + timeout
+        for future in futures:
+            with contextlib.suppress(Exception, asyncio.CancelledError):  # its own error
+                future.result(timeout=max(deadline - time.monotonic(), 0.01))
+
+    def _sealed(self, step: int) -> bool:
+        """Whether `step` is committed with all its files there (sizes only: nothing read)."""
+        step_dir = self.directory / str(step)
+        try:
+            integrity.verify(step_dir, hashes=False)
+        except (integrity.IntegrityError, OSError):
+            return False
+        return True
+
+    def _remove_partial(self, step: int) -> bool:
+        """Removes `<step>.orbax-checkpoint-tmp`, and `<step>` if it has no valid manifest."""
+        if jax.process_index() != 0:
+            return True
+        tmp = self.directory / f"{step}{_TMP_SUFFIX}"
+        self._failed_tmp.add(tmp)
+        removed = self._remove(tmp)
+        # tensorstore finishes writes that orbax gave up on and recreates their (empty)
+        # directories, some milliseconds later: remove again until it stays gone for a while
+        quiet_since = started = time.monotonic()
+        while removed and time.monotonic() - quiet_since < _QUIET_SECONDS:
+            if time.monotonic() - started > 20 * _QUIET_SECONDS:
+                break  # the sweep before the next save removes what still comes back
+            time.sleep(0.01)
+            if tmp.exists():
+                removed = self._remove(tmp)
+                quiet_since = time.monotonic()
+        step_dir = self.directory / str(step)
+        if step_dir.exists() and not self._sealed(step):  # renamed, but never sealed
+            removed = self._remove(step_dir) and removed
+        return removed
+
+    @staticmethod
+    def _remove(path: epath.Path) -> bool:
+        for _ in range(3):  # a write still finishing may add a file while the tree goes
+            try:
+                if path.exists():
+                    path.rmtree()
+                return True
+            except FileNotFoundError:
+                return True
+            except OSError as error:
+                problem = error
+        log.debug("could not remove %s: %s", path, _summary(problem))
+        return False
+
+    def _sweep(self) -> None:
+        """Removes failed saves' temporary directories that writes finishing late recreated."""
+        for tmp in list(self._failed_tmp):
+            if self._remove(tmp):
+                self._failed_tmp.discard(tmp)
+
+    def _last_good(self) -> int | None:
+        """The newest committed step whose files are all there (sizes only: nothing read)."""
+        return next(
+            (
+                step
+                for step in sorted(self._manager.all_steps(), reverse=True)
+                if self._sealed(step)
+            ),
+            None,
+        )
 
     def _static_metadata(self) -> dict[str, Any]:
         if self._versions is None:
@@ -279,14 +536,17 @@ class CheckpointManager:
         """Starts writing checkpoint `step` and returns once the arrays are copied off-device.
 
         The arrays may be donated or overwritten as soon as this returns. The previous save is
-        waited for first; retention runs after each commit.
+        waited for first; retention runs after each commit. If the previous save failed and
+        nobody was told yet, this raises its CheckpointSaveError (naming that step) without
+        starting this one; call again to save. A save that fails here or later raises
+        CheckpointSaveError for `step`.
         """
         if self._read_only:
             raise CheckpointError(f"{self.directory} was opened read-only; open it to write")
         started = time.perf_counter()
         self.wait()
         waited = time.perf_counter() - started
-        self.committed()  # the previous save, if any, is committed now
+        self._sweep()
         latest = self._manager.latest_step()
         if latest is not None and step <= latest:
             raise CheckpointError(
@@ -315,23 +575,41 @@ class CheckpointManager:
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self._writing = step
-        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        quiet.claims.start(str(self.directory / str(step)))
+        self._pending = step
+        try:
+            with quiet.claims.waiting():
+                self._manager.save(
+                    step, args=ocp.args.Composite(**items), metrics=metrics, force=True
+                )
+        except Exception as error:
+            self._pending = None
+            raise self._save_failed(step, error) from None
         if not self._async:
             self.wait()
         return SaveInfo(step, time.perf_counter() - started, waited)
 
     # -- restoring ---------------------------------------------------------------------------
 
+    def best_step(self) -> int | None:
+        """The committed step with the best `retention.best_metric` (under `best_mode`), ties
+        to the later step as retention has it; None if no committed step has the metric.
+
+        Reads the metrics orbax keeps beside each step, so a restarted manager knows it too.
+        """
+        history = [(step, self._manager.metrics(step)) for step in self.steps()]
+        return best_of(history, self.retention)
+
     def restore(
         self,
-        step: int | None = None,
+        step: int | Literal["best"] | None = None,
         *,
         params: PyTree = None,
         opt_state: PyTree = None,
         params_only: bool = False,
         verify: bool = True,
     ) -> Checkpoint:
-        """Checkpoint `step` (default: newest), verified against its manifest first.
+        """Checkpoint `step` (default: newest; "best": `best_step()`), verified first.
 
         `params` and `opt_state` are targets: trees of arrays or jax.ShapeDtypeStruct whose
         shardings say where each array goes (this is how a checkpoint moves between device
@@ -342,6 +620,15 @@ class CheckpointManager:
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no complete checkpoint in {self.directory}: train first")
+        if step == "best":
+            best = self.best_step()
+            if best is None:
+                raise CheckpointError(
+                    f"no checkpoint in {self.directory} has the metric "
+                    f"{self.retention.best_metric!r}: save with metrics to restore the best, "
+                    f"or pick one of steps {steps}"
+                )
+            step = best
         step = steps[-1] if step is None else step
         if step not in steps:
             raise CheckpointError(
@@ -426,11 +713,18 @@ class CheckpointManager:
 
 
 def restore_params(
-    directory: str | os.PathLike[str], step: int | None = None, params: PyTree = None
+    directory: str | os.PathLike[str],
+    step: int | Literal["best"] | None = None,
+    params: PyTree = None,
+    *,
+    retention: Retention | None = None,
 ) -> Checkpoint:
-    """Params (and metadata) only, for inference and export: optimizer state is never read."""
+    """Params (and metadata) only, for inference and export: optimizer state is never read.
+
+    `step="best"` picks by `retention`'s best_metric and best_mode (default: lowest eval_loss).
+    """
     _check_readable(_path(directory))
-    with CheckpointManager(directory, read_only=True) as manager:
+    with CheckpointManager(directory, retention, read_only=True) as manager:
         if step is None:
             return manager.restore_latest(params=params, params_only=True)
         return manager.restore(step, params=params, params_only=True)

@@ -41,6 +41,22 @@ def _score(metrics: Metrics, retention: Retention) -> float | None:
     return float(value) if retention.best_mode == "min" else -float(value)
 
 
+def _ranked(history: Sequence[tuple[int, Metrics]], retention: Retention) -> list[int]:
+    """Steps with a finite metric, best first; ties favour later steps."""
+    scored = [
+        (score, -step, step)
+        for step, metrics in history
+        if (score := _score(metrics, retention)) is not None
+    ]
+    return [step for _, _, step in sorted(scored)]
+
+
+def best_of(history: Sequence[tuple[int, Metrics]], retention: Retention) -> int | None:
+    """The step of `history` that keep_best ranks first, or None if none has the metric."""
+    ranked = _ranked(history, retention)
+    return ranked[0] if ranked else None
+
+
 def retained_steps(history: Sequence[tuple[int, Metrics]], retention: Retention) -> frozenset[int]:
     """Steps to keep of `history`, (step, metrics) pairs; metric ties favour later steps."""
     steps = sorted(step for step, _ in history)
@@ -48,12 +64,7 @@ def retained_steps(history: Sequence[tuple[int, Metrics]], retention: Retention)
     if retention.keep_every is not None:
         keep.update(step for step in steps if step % retention.keep_every == 0)
     if retention.keep_best:
-        scored = [
-            (score, -step, step)
-            for step, metrics in history
-            if (score := _score(metrics, retention)) is not None
-        ]
-        keep.update(step for _, _, step in sorted(scored)[: retention.keep_best])
+        keep.update(_ranked(history, retention)[: retention.keep_best])
     return frozenset(keep)
 
 

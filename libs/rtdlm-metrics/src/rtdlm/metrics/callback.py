@@ -116,6 +116,9 @@ class PrometheusTrainingCallback:
         self.nonfinite_steps = counter(
             "rtdlm_nonfinite_steps", "Steps whose loss or gradients were NaN or infinite."
         )
+        self.checkpoint_errors = counter(
+            "rtdlm_checkpoint_errors", "Checkpoint saves that failed (disk full, I/O errors)."
+        )
         self.batch_time = histogram(
             "rtdlm_batch_time_seconds", "Wall time of one training step.", BATCH_TIME_BUCKETS
         )
@@ -177,6 +180,11 @@ class PrometheusTrainingCallback:
         """Once a checkpoint is known to be committed; `save_seconds`: time it blocked training."""
         self.checkpoint_save.observe(save_seconds)
         self.checkpoint_time.set(time.time())
+
+    @_never_raises
+    def on_checkpoint_error(self, step: int) -> None:
+        """A save of `step` failed; the last-success timestamp stays where it was."""
+        self.checkpoint_errors.inc()
 
     @_never_raises
     def sample_memory(self) -> None:

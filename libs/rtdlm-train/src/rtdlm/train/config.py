@@ -25,6 +25,10 @@ class OptimizerConfig:
     learning_rate: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
     warmup_steps: int = 20
+    # Where the cosine ends (MaxText's learning_rate_schedule_steps). None: train.max_steps at
+    # the run's first start; saved with the run and fixed from then on, so raising max_steps on
+    # resume continues the same schedule (past decay_steps the rate stays at the floor).
+    decay_steps: int | None = None
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -37,6 +41,8 @@ class OptimizerConfig:
         _in_range(self, "optimizer", "b1", 0.0, 1.0, high_open=True)
         _in_range(self, "optimizer", "b2", 0.0, 1.0, high_open=True)
         _non_negative(self, "optimizer", "warmup_steps", "weight_decay")
+        if self.decay_steps is not None:
+            _positive(self, "optimizer", "decay_steps")
 
 
 @dataclass(frozen=True)
@@ -70,15 +76,23 @@ class TrainConfig:
     moe_router_z_weight: float = 0.001
     max_nonfinite_in_row: int = 5
     on_nonfinite: str = "stop"  # or "rollback": reload the last checkpoint and go on
+    on_checkpoint_error: str = "stop"  # or "continue": train on, retry at the next cadence
+    profile_steps: int = 0  # trace this many steps (after two warm-up steps) into profile/
 
     def __post_init__(self) -> None:
         _positive(self, "train", "max_steps", "eval_every", "checkpoint_every")
         _positive(self, "train", "keep_checkpoints", "max_nonfinite_in_row")
         _non_negative(self, "train", "seed", "z_loss_weight")
         _non_negative(self, "train", "moe_load_balance_weight", "moe_router_z_weight")
+        _non_negative(self, "train", "profile_steps")
         if self.on_nonfinite not in ("stop", "rollback"):
             raise ConfigError(
                 f"train.on_nonfinite must be 'stop' or 'rollback', got {self.on_nonfinite!r}"
+            )
+        if self.on_checkpoint_error not in ("stop", "continue"):
+            raise ConfigError(
+                "train.on_checkpoint_error must be 'stop' or 'continue', "
+                f"got {self.on_checkpoint_error!r}"
             )
 
 
@@ -267,6 +281,69 @@ def resolve(
             f"({vocab_size}): drop the model.vocab_size override or use matching data"
         )
     return cfg
+
+
+# Keys a resumed run may change: how long and how often, never what is trained or how.
+RESUMABLE_CHANGES = (
+    "train.max_steps",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_nonfinite_in_row",
+    "train.on_nonfinite",
+    "train.on_checkpoint_error",
+    "train.profile_steps",
+    "data.prefetch",
+    "metrics.",
+)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def for_first_start(cfg: RunConfig) -> RunConfig:
+    """The config a new run is saved with: the schedule's length fixed from max_steps."""
+    if cfg.optimizer.decay_steps is not None:
+        return cfg
+    optimizer = dataclasses.replace(cfg.optimizer, decay_steps=cfg.train.max_steps)
+    return dataclasses.replace(cfg, optimizer=optimizer)
+
+
+def for_resume(saved: RunConfig, requested: RunConfig, where: str) -> RunConfig:
+    """`requested` as the continuation of the run `saved` describes, or one ConfigError line.
+
+    Only RESUMABLE_CHANGES may differ; optimizer.decay_steps is taken from the saved run (a
+    different explicit value is refused), so the learning-rate schedule never jumps.
+    """
+    fixed = saved.optimizer.decay_steps or saved.train.max_steps
+    asked = requested.optimizer.decay_steps
+    if asked is not None and asked != fixed:
+        raise ConfigError(
+            f"optimizer.decay_steps is {fixed} for the run in {where} and cannot change on "
+            "resume: drop the override, or pass a new --run-dir"
+        )
+    resumed = dataclasses.replace(
+        requested, optimizer=dataclasses.replace(requested.optimizer, decay_steps=fixed)
+    )
+    before, after = _flatten(to_dict(for_first_start(saved))), _flatten(to_dict(resumed))
+    changed = [
+        key
+        for key in after
+        if before.get(key) != after[key] and not key.startswith(RESUMABLE_CHANGES)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{where} was started with a different config ({', '.join(changed[:5])} differ): "
+            "resume it without those changes, or pass a new --run-dir"
+        )
+    return resumed
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -1,27 +1,25 @@
-"""The training loop as pure pieces: state, step, evaluation, and a generator of step logs.
+"""The training step and evaluation as pure, jit-compiled functions of a TrainState pytree.
 
 Everything a step depends on is in TrainState or derived from the step number, so a run
-restored from a checkpoint continues bit for bit on CPU.
+restored from a checkpoint continues bit for bit on CPU. Losses are token-weighted means:
+sums of per-token losses and counts of counted targets, divided once per step or evaluation,
+so micro-batches and held-out batches with different numbers of targets weigh what they hold.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from rtdlm.model import build_with_stats
 from rtdlm.train.config import OptimizerConfig, RunConfig
 from rtdlm.train.data import Splits
-from rtdlm.train.pipeline import Prefetch, evaluation_rows, packed_batches
+from rtdlm.train.pipeline import evaluation_rows
 
 
 class Batch(NamedTuple):
@@ -33,54 +31,36 @@ class TrainState(NamedTuple):
     step: jax.Array
     params: hk.Params
     opt_state: optax.OptState
-    rng: jax.Array  # split every step, for anything stochastic the model grows
     nonfinite_in_row: jax.Array
 
 
 class StepMetrics(NamedTuple):
     loss: jax.Array
     grad_norm: jax.Array
+    learning_rate: jax.Array
     finite: jax.Array  # False: the update was skipped
+    nonfinite_in_row: jax.Array
 
 
-@dataclass(frozen=True)
-class StepLog:
-    step: int
-    loss: float
-    learning_rate: float
-    tokens_per_second: float
-    step_seconds: float
-    grad_norm: float
-    data_wait_seconds: float
-    tokens: int
-    skipped: bool  # non-finite loss or gradients: parameters were left unchanged
-    nonfinite_in_row: int
-    state: TrainState
-    data_state: dict[str, Any]  # the data position after this step's batch, for checkpoints
-
-
-@dataclass(frozen=True)
-class EvalLog:
-    step: int
-    loss: float
-
-
-def learning_rate_schedule(cfg: OptimizerConfig, max_steps: int) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to learning_rate * min_lr_ratio at max_steps."""
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to learning_rate * min_lr_ratio at decay_steps,
+    and that floor after it."""
+    if cfg.decay_steps is None:
+        raise ValueError("optimizer.decay_steps is unset: resolve it with config.for_first_start")
     return optax.warmup_cosine_decay_schedule(
         0.0,
         cfg.learning_rate,
         cfg.warmup_steps,
-        max(max_steps, cfg.warmup_steps + 1),
+        max(cfg.decay_steps, cfg.warmup_steps + 1),
         end_value=cfg.learning_rate * cfg.min_lr_ratio,
     )
 
 
-def make_optimizer(cfg: OptimizerConfig, max_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(
-            learning_rate_schedule(cfg, max_steps),
+            learning_rate_schedule(cfg),
             b1=cfg.b1,
             b2=cfg.b2,
             eps=cfg.eps,
@@ -100,40 +80,16 @@ def target_mask(segment_ids: jax.Array) -> jax.Array:
     return (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
 
 
-def cross_entropy(logits: jax.Array, batch: Batch, z_loss_weight: float = 0.0) -> jax.Array:
-    """Mean next-token cross-entropy over the counted targets, plus the optional z-loss."""
-    targets = batch.tokens[:, 1:]
+def cross_entropy_sum(
+    logits: jax.Array, batch: Batch, z_loss_weight: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy (plus the optional z-loss) over the counted targets, and
+    how many targets counted."""
     mask = target_mask(batch.segment_ids).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.tokens[:, 1:])
     if z_loss_weight:
         losses = losses + z_loss_weight * jax.nn.logsumexp(logits, axis=-1) ** 2
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def next_token_loss(model: hk.Transformed, params: hk.Params, batch: Batch) -> jax.Array:
-    logits, _ = model.apply(params, None, batch.tokens[:, :-1], batch.segment_ids[:, :-1])
-    return cross_entropy(logits, batch)
-
-
-def training_loss(
-    model: hk.Transformed, cfg: RunConfig, params: hk.Params, batch: Batch
-) -> jax.Array:
-    """Cross-entropy (+ z-loss) plus the MoE load-balancing and router z-losses."""
-    logits, moe = model.apply(params, None, batch.tokens[:, :-1], batch.segment_ids[:, :-1])
-    auxiliary = (
-        cfg.train.moe_load_balance_weight * moe.load_balance_loss
-        + cfg.train.moe_router_z_weight * moe.router_z_loss
-    )
-    return cross_entropy(logits, batch, cfg.train.z_loss_weight) + auxiliary
-
-
-def init_state(
-    model: hk.Transformed, optimizer: optax.GradientTransformation, cfg: RunConfig
-) -> TrainState:
-    init_key, rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
-    params = model.init(init_key, jnp.zeros((1, cfg.model.seq_len), jnp.int32))
-    step, nonfinite_in_row = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers:
-    return TrainState(step, params, optimizer.init(params), rng, nonfinite_in_row)  # both donated
+    return jnp.sum(losses * mask), jnp.sum(mask)
 
 
 def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
@@ -141,51 +97,98 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
     return Batch(*(x.reshape(micro_batches, -1, *x.shape[1:]) for x in batch))
 
 
-def make_train_step(
-    model: hk.Transformed, optimizer: optax.GradientTransformation, cfg: RunConfig
-) -> Any:
-    """One optimizer step over cfg.data.micro_batches micro-batches, accumulated inside jit.
-
-    A non-finite loss or gradient leaves params and optimizer state untouched (the step still
-    counts) and increments nonfinite_in_row; a finite step resets it.
-    """
-    grad_fn = jax.value_and_grad(partial(training_loss, model, cfg))
+def make_loss_and_grads(
+    model: hk.Transformed, cfg: RunConfig
+) -> Callable[[hk.Params, Batch], tuple[jax.Array, hk.Params]]:
+    """(params, batch) -> (loss, gradients) of the whole batch, accumulated over
+    cfg.data.micro_batches micro-batches: each adds its summed token losses over the batch's
+    total target count, so the result is the one-big-batch gradient whatever the padding. The
+    MoE auxiliary losses are per micro-batch statistics and are averaged over them."""
     micro_batches = cfg.data.micro_batches
+    moe_weights = (cfg.train.moe_load_balance_weight, cfg.train.moe_router_z_weight)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, StepMetrics]:
-        micro = split_micro_batches(batch, micro_batches)
+    def objective(params: hk.Params, one: Batch, total: jax.Array) -> jax.Array:
+        logits, moe = model.apply(params, None, one.tokens[:, :-1], one.segment_ids[:, :-1])
+        loss_sum, _ = cross_entropy_sum(logits, one, cfg.train.z_loss_weight)
+        auxiliary = moe_weights[0] * moe.load_balance_loss + moe_weights[1] * moe.router_z_loss
+        return loss_sum / total + auxiliary / micro_batches
+
+    grad_fn = jax.value_and_grad(objective)
+
+    def loss_and_grads(params: hk.Params, batch: Batch) -> tuple[jax.Array, hk.Params]:
+        total = jnp.maximum(jnp.sum(target_mask(batch.segment_ids)), 1).astype(jnp.float32)
 
         def accumulate(carry: Any, one: Batch) -> tuple[Any, None]:
             loss_sum, grad_sum = carry
-            loss, grads = grad_fn(state.params, one)
+            loss, grads = grad_fn(params, one, total)
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), micro)
-        loss = loss_sum / micro_batches
-        grads = jax.tree.map(lambda g: g / micro_batches, grad_sum)
-        grad_norm = optax.global_norm(grads)
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        micro = split_micro_batches(batch, micro_batches)
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        return loss, grads
+
+    return loss_and_grads
+
+
+def init_state(
+    model: hk.Transformed, optimizer: optax.GradientTransformation, cfg: RunConfig
+) -> TrainState:
+    params = model.init(
+        jax.random.PRNGKey(cfg.train.seed), jnp.zeros((1, cfg.model.seq_len), jnp.int32)
+    )
+    step, nonfinite_in_row = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers:
+    return TrainState(step, params, optimizer.init(params), nonfinite_in_row)  # both donated
+
+
+def make_train_step(
+    model: hk.Transformed, optimizer: optax.GradientTransformation, cfg: RunConfig
+) -> Callable[[TrainState, Batch], tuple[TrainState, StepMetrics]]:
+    """One optimizer step, jit-compiled with the state donated.
+
+    A non-finite loss or gradient leaves params and optimizer state untouched (the step still
+    counts) and increments nonfinite_in_row; a finite step resets it. The metrics stay on the
+    device: the caller reads them when it likes, so it never waits on a step it need not.
+    """
+    loss_and_grads = make_loss_and_grads(model, cfg)
+    schedule = learning_rate_schedule(cfg.optimizer)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, StepMetrics]:
+        loss, grads = loss_and_grads(state.params, batch)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-        rng, _ = jax.random.split(state.rng)
+        nonfinite_in_row = jnp.where(finite, 0, state.nonfinite_in_row + 1)
         new_state = TrainState(
             state.step + 1,
             keep(params, state.params),
             keep(opt_state, state.opt_state),
-            rng,
-            jnp.where(finite, 0, state.nonfinite_in_row + 1),
+            nonfinite_in_row,
         )
-        return new_state, StepMetrics(loss, grad_norm, finite)
+        metrics = StepMetrics(loss, grad_norm, schedule(state.step), finite, nonfinite_in_row)
+        return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=0)
 
 
-def make_evaluate(model: hk.Transformed, held_out: list[Batch]) -> Any:
-    """params -> mean held-out loss over a fixed set of batches (the same at every evaluation)."""
-    loss = jax.jit(partial(next_token_loss, model))
-    return lambda params: float(np.mean([loss(params, batch) for batch in held_out]))
+def make_evaluate(model: hk.Transformed, held_out: list[Batch]) -> Callable[[hk.Params], float]:
+    """params -> held-out loss over a fixed set of batches: every counted target of every
+    batch weighs the same (summed, then divided once)."""
+
+    @jax.jit
+    def sums(params: hk.Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        logits, _ = model.apply(params, None, batch.tokens[:, :-1], batch.segment_ids[:, :-1])
+        return cross_entropy_sum(logits, batch)
+
+    def evaluate(params: hk.Params) -> float:
+        parts = jax.device_get([sums(params, batch) for batch in held_out])  # one wait
+        loss = sum(float(s) for s, _ in parts)
+        count = sum(float(c) for _, c in parts)
+        return loss / max(count, 1.0)
+
+    return evaluate
 
 
 def evaluation_batches(data: Splits, cfg: RunConfig) -> list[Batch]:
@@ -193,63 +196,3 @@ def evaluation_batches(data: Splits, cfg: RunConfig) -> list[Batch]:
         data.validation, cfg.data.batch_size, cfg.model.seq_len, cfg.data.eval_batches
     )
     return [Batch(tokens, segments) for tokens, segments in rows]
-
-
-def train(
-    cfg: RunConfig,
-    data: Splits,
-    state: TrainState | None = None,
-    data_state: dict[str, Any] | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> Iterator[StepLog | EvalLog]:
-    """Runs to cfg.train.max_steps from `state` (default: fresh), yielding a StepLog after each
-    step and an EvalLog on the held-out split at the start of a fresh run, every eval_every
-    steps and after the last. `data_state` is a StepLog's data_state: the stream resumes with
-    exactly the batch that followed it."""
-    model = build_with_stats(cfg.model)
-    optimizer = make_optimizer(cfg.optimizer, cfg.train.max_steps)
-    schedule = learning_rate_schedule(cfg.optimizer, cfg.train.max_steps)
-    fresh = state is None
-    state = init_state(model, optimizer, cfg) if state is None else state
-    train_step = make_train_step(model, optimizer, cfg)
-    evaluate = make_evaluate(model, evaluation_batches(data, cfg))
-    batches = packed_batches(
-        data.train,
-        cfg.data.batch_size,
-        cfg.model.seq_len,
-        cfg.data.shuffle_seed,
-        data_state,
-        process_index,
-        process_count,
-    )
-    stream = Prefetch(batches, cfg.data.prefetch)
-    try:
-        if fresh:
-            yield EvalLog(0, evaluate(state.params))
-        for step in range(int(state.step) + 1, cfg.train.max_steps + 1):
-            start = time.perf_counter()
-            tokens, segments, position = next(stream)
-            data_wait = time.perf_counter() - start
-            state, metrics = train_step(state, Batch(tokens, segments))
-            loss = float(metrics.loss)  # waits for the step to finish, so the timing is honest
-            seconds = time.perf_counter() - start
-            count = int(tokens[:, 1:].size)
-            yield StepLog(
-                step=step,
-                loss=loss,
-                learning_rate=float(schedule(step - 1)),
-                tokens_per_second=count / seconds,
-                step_seconds=seconds,
-                grad_norm=float(metrics.grad_norm),
-                data_wait_seconds=data_wait,
-                tokens=count,
-                skipped=not bool(metrics.finite),
-                nonfinite_in_row=int(state.nonfinite_in_row),
-                state=state,
-                data_state=position,
-            )
-            if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-                yield EvalLog(step, evaluate(state.params))
-    finally:
-        stream.close()

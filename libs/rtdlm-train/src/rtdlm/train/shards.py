@@ -10,37 +10,96 @@
     <dir>/<split>-NNNNN.tokens.npy    every document's tokens back to back (dtype above)
     <dir>/<split>-NNNNN.offsets.npy   int64, D + 1 document start offsets (0 first, N last)
 
-Plain .npy arrays (read with allow_pickle=False, memory-mapped), so any pipeline that can
-write numpy arrays and JSON can produce shards. Each file's SHA-256 is checked when the shard
-is first opened; a mismatch names the file.
+Plain .npy arrays (no pickles, memory-mapped), so any pipeline that can write numpy arrays and
+JSON can produce shards. Opening a split reads only headers and offsets, so start-up does not
+grow with the corpus: a missing file, an unreadable header, a file whose size is not what its
+header says (truncated or extended), or counts that disagree with index.json fail at once. The
+SHA-256s are checked lazily: a shard's two files are hashed once, the first time any of its
+documents is read, so a flipped byte fails before its tokens are used, naming the file.
+`verify(corpus)` (or `open_split(..., verify=True)`) hashes every shard up front instead.
+
+`ShardWriter` writes one split a document at a time (memory: one document plus the shard's
+offsets); `write_index` then publishes the shards atomically.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
+import mmap
+import os
+import threading
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, BinaryIO
 
 import numpy as np
 
 FORMAT = "rtdlm-token-shards"
 SPLITS = ("train", "validation")
+KINDS = ("tokens", "offsets")
 
 
 class DataError(ValueError):
     """Unusable data, named with the fix."""
 
 
+def _corrupt(path: Path, why: str = "SHA-256 differs from index.json") -> DataError:
+    return DataError(
+        f"shard file {path} is corrupt ({why}): rerun prepare-data or restore the file"
+    )
+
+
+def _sha256(data: mmap.mmap) -> str:
+    """Hashes the mapped bytes themselves, so what is checked is exactly what is read (a file
+    replaced on disk after opening cannot pass for the one in use). Releases the GIL."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class ShardCheck:
+    """One shard's deferred SHA-256 check: hashed once, on first use, from any thread; a
+    failure sticks, so every later read of the shard fails the same way."""
+
+    def __init__(self, files: Sequence[tuple[Path, mmap.mmap, str]]) -> None:
+        self._pending = tuple(files)
+        self._error: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def done(self) -> bool:
+        return not self._pending
+
+    def __call__(self) -> None:
+        if self._pending:  # unlocked fast path once checked: the GIL orders these reads
+            with self._lock:
+                for path, data, expected in self._pending:
+                    if _sha256(data) != expected:
+                        self._error = str(_corrupt(path))
+                        break
+                self._pending = ()
+        if self._error is not None:
+            raise DataError(self._error)
+
+
 @dataclass(frozen=True)
 class Corpus:
     """Documents stored as shards of (tokens back to back, start offsets); tokens may be
-    memory-mapped, so a corpus larger than memory costs only its offsets."""
+    memory-mapped, so a corpus larger than memory costs only its offsets. `checks`, when given,
+    holds each part's integrity check, run before the part's first document is returned."""
 
     parts: tuple[tuple[np.ndarray, np.ndarray], ...]
+    checks: tuple[ShardCheck, ...] = ()
 
     @functools.cached_property
     def lengths(self) -> np.ndarray:
@@ -60,6 +119,8 @@ class Corpus:
 
     def document(self, index: int) -> np.ndarray:
         part = int(np.searchsorted(self._first_doc, index, side="right")) - 1
+        if self.checks:
+            self.checks[part]()
         tokens, offsets = self.parts[part]
         local = index - self._first_doc[part]
         return tokens[offsets[local] : offsets[local + 1]]
@@ -72,9 +133,16 @@ def corpus_from_documents(documents: Iterable[np.ndarray], dtype: Any = np.int32
     return Corpus(((tokens, offsets),))
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def verify(corpus: Corpus, threads: int = 4) -> None:
+    """Hashes every shard not yet checked now (for a full check before a long run); raises the
+    first corrupt file in shard order."""
+    pending = [check for check in corpus.checks if not check.done]
+    with ThreadPoolExecutor(max(1, min(threads, len(pending)))) as pool:
+        for _ in pool.map(lambda check: check(), pending):
+            pass
+
+
+_verify = verify  # open_split's `verify` flag shadows the name
 
 
 def smallest_dtype(vocab_size: int) -> np.dtype:
@@ -84,50 +152,150 @@ def smallest_dtype(vocab_size: int) -> np.dtype:
     raise DataError(f"vocab_size {vocab_size} does not fit in uint32 token ids")
 
 
+def _npy_header(dtype: np.dtype, length: int) -> bytes:
+    """The header np.save writes for a 1-D array, so streamed files match saved ones byte for
+    byte. Its length does not depend on `length` (numpy pads the shape for growth, and a 1-D
+    header fits in its first 128 bytes anyway), which lets the writer fill it in last."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header,
+        {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (length,)},
+    )
+    return header.getvalue()
+
+
+class ShardWriter:
+    """One split's shards, written a document at a time: tokens go straight to the open shard
+    file, so memory holds one document plus the shard's offsets. A shard is closed once it
+    holds `shard_tokens` tokens (the document that crosses the limit stays whole)."""
+
+    def __init__(
+        self, directory: Path, split: str, vocab_size: int, shard_tokens: int = 100_000_000
+    ) -> None:
+        self.directory, self.split, self.vocab_size = directory, split, vocab_size
+        self.dtype = smallest_dtype(vocab_size)
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.written: list[Path] = []  # every file this writer created, for abort()
+        self._file: BinaryIO | None = None
+        self._offsets = array("q", [0])
+
+    def _files(self) -> dict[str, str]:
+        stem = f"{self.split}-{len(self.shards):05d}"
+        return {kind: f"{stem}.{kind}.npy" for kind in KINDS}
+
+    def add(self, document: Sequence[int] | np.ndarray) -> None:
+        tokens = np.asarray(document)
+        if not len(tokens):
+            return
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise DataError(f"a document must be a 1-D array of token ids, not {tokens.dtype}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.vocab_size:
+            raise DataError(
+                f"token id {low if low < 0 else high} is outside the vocabulary of "
+                f"{self.vocab_size}: the tokenizer and vocab_size disagree"
+            )
+        if self._file is None:
+            path = self.directory / self._files()["tokens"]
+            self.written.append(path)
+            self._file = path.open("wb")
+            self._file.write(_npy_header(self.dtype, 0))
+        self._file.write(np.ascontiguousarray(tokens, self.dtype).data)
+        self._offsets.append(self._offsets[-1] + len(tokens))
+        if self._offsets[-1] >= self.shard_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        assert self._file is not None
+        files, num_tokens = self._files(), self._offsets[-1]
+        header = _npy_header(self.dtype, num_tokens)
+        if len(header) != len(_npy_header(self.dtype, 0)):  # cannot happen for 1-D arrays
+            raise RuntimeError("numpy's .npy header length changed with the array length")
+        self._file.seek(0)
+        self._file.write(header)
+        self._file.close()
+        self._file = None
+        offsets_path = self.directory / files["offsets"]
+        self.written.append(offsets_path)
+        np.save(offsets_path, np.frombuffer(self._offsets, np.int64), allow_pickle=False)
+        self.shards.append(
+            {
+                **files,
+                "num_tokens": num_tokens,
+                "num_documents": len(self._offsets) - 1,
+                "sha256": {k: _sha256_file(self.directory / f) for k, f in files.items()},
+            }
+        )
+        self._offsets = array("q", [0])
+
+    def close(self) -> list[dict[str, Any]]:
+        """Finishes the last shard; the split's index entries."""
+        if self._file is not None:
+            self._flush()
+        return self.shards
+
+    def abort(self) -> None:
+        """Removes every file this writer wrote."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for path in self.written:
+            path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_index(
+    directory: Path,
+    splits: Mapping[str, list[dict[str, Any]]],
+    vocab_size: int,
+    tokenizer: dict[str, Any],
+) -> dict[str, Any]:
+    """index.json for shards already in `directory`, replaced atomically: readers see the old
+    index or the new one, never half of one."""
+    index: dict[str, Any] = {
+        "format": FORMAT,
+        "version": 1,
+        "tokenizer": tokenizer,
+        "vocab_size": vocab_size,
+        "dtype": smallest_dtype(vocab_size).name,
+        "splits": dict(splits),
+    }
+    temporary = directory / "index.json.tmp"
+    temporary.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(temporary, directory / "index.json")
+    return index
+
+
 def write_shards(
     directory: Path,
-    splits: Mapping[str, Sequence[np.ndarray]],
+    splits: Mapping[str, Iterable[np.ndarray]],
     vocab_size: int,
     tokenizer: dict[str, Any],
     shard_tokens: int = 100_000_000,
 ) -> dict[str, Any]:
     """Writes documents (token arrays) per split into shards of about `shard_tokens` tokens."""
     directory.mkdir(parents=True, exist_ok=True)
-    dtype = smallest_dtype(vocab_size)
-    index: dict[str, Any] = {
-        "format": FORMAT,
-        "version": 1,
-        "tokenizer": tokenizer,
-        "vocab_size": vocab_size,
-        "dtype": dtype.name,
-        "splits": {},
-    }
+    written: dict[str, list[dict[str, Any]]] = {}
     for split, documents in splits.items():
-        shards: list[dict[str, Any]] = []
-        batch: list[np.ndarray] = []
-        size = 0
-        for doc in [*documents, None]:
-            if doc is not None:
-                batch.append(doc)
-                size += len(doc)
-            if batch and (doc is None or size >= shard_tokens):
-                ((tokens, offsets),) = corpus_from_documents(batch, dtype).parts
-                stem = f"{split}-{len(shards):05d}"
-                files = {"tokens": f"{stem}.tokens.npy", "offsets": f"{stem}.offsets.npy"}
-                np.save(directory / files["tokens"], tokens, allow_pickle=False)
-                np.save(directory / files["offsets"], offsets, allow_pickle=False)
-                shards.append(
-                    {
-                        **files,
-                        "num_tokens": int(len(tokens)),
-                        "num_documents": len(offsets) - 1,
-                        "sha256": {k: _sha256(directory / f) for k, f in files.items()},
-                    }
-                )
-                batch, size = [], 0
-        index["splits"][split] = shards
-    (directory / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-    return index
+        with ShardWriter(directory, split, vocab_size, shard_tokens) as writer:
+            for document in documents:
+                writer.add(document)
+        written[split] = writer.shards
+    return write_index(directory, written, vocab_size, tokenizer)
 
 
 def read_index(directory: Path) -> dict[str, Any]:
@@ -150,35 +318,84 @@ def read_index(directory: Path) -> dict[str, Any]:
     return index
 
 
-def open_split(directory: Path, split: str, index: dict[str, Any] | None = None) -> Corpus:
-    """The split's shards, checksummed and memory-mapped."""
+def _map(path: Path) -> tuple[np.ndarray, mmap.mmap]:
+    """A .npy file's array and a read-only map of the whole file, from its header and size
+    alone: no data is read here."""
+    if not path.is_file():
+        raise DataError(f"shard file {path} is missing: rerun prepare-data")
+    with path.open("rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f".npy format version {version} is not supported")
+        except ValueError as error:
+            raise DataError(f"shard file {path} is unreadable ({error})") from None
+        if dtype.hasobject:
+            raise DataError(f"shard file {path} is unreadable (it holds Python objects)")
+        start = f.tell()
+        length = int(np.prod(shape))
+        size, expected = os.fstat(f.fileno()).st_size, start + length * dtype.itemsize
+        if size != expected:
+            raise _corrupt(path, f"{size:,} bytes where its header needs {expected:,}")
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    array = np.frombuffer(data, dtype, count=length, offset=start)
+    return array.reshape(shape, order="F" if fortran_order else "C"), data
+
+
+def open_split(
+    directory: Path, split: str, index: dict[str, Any] | None = None, verify: bool = False
+) -> Corpus:
+    """The split's shards, memory-mapped; each is hashed before its first document is read
+    (all of them now with verify=True)."""
     index = index or read_index(directory)
-    parts = []
-    for shard in index["splits"][split]:
-        arrays = {}
-        for kind in ("tokens", "offsets"):
-            path = directory / shard[kind]
-            if not path.is_file():
-                raise DataError(f"shard file {path} is missing: rerun prepare-data")
-            if _sha256(path) != shard["sha256"][kind]:
-                raise DataError(
-                    f"shard file {path} is corrupt (SHA-256 differs from index.json): "
-                    "rerun prepare-data or restore the file"
-                )
-            try:
-                arrays[kind] = np.load(path, mmap_mode="r", allow_pickle=False)
-            except ValueError as error:
-                raise DataError(f"shard file {path} is unreadable ({error})") from None
-        tokens, offsets = arrays["tokens"], np.asarray(arrays["offsets"], np.int64)
+    parts, checks = [], []
+    for number, shard in enumerate(index["splits"][split]):
+        try:
+            names = {kind: str(shard[kind]) for kind in KINDS}
+            digests = {kind: str(shard["sha256"][kind]) for kind in KINDS}
+            num_tokens, num_documents = int(shard["num_tokens"]), int(shard["num_documents"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(
+                f"{directory / 'index.json'}: {split} shard {number} is malformed: rerun "
+                "prepare-data"
+            ) from None
+        paths = {kind: directory / name for kind, name in names.items()}
+        (tokens, token_map), (offsets, offset_map) = (_map(paths[k]) for k in KINDS)
+        check = ShardCheck(
+            [
+                (paths["tokens"], token_map, digests["tokens"]),
+                (paths["offsets"], offset_map, digests["offsets"]),
+            ]
+        )
         consistent = (
             tokens.ndim == 1
-            and len(tokens) == shard["num_tokens"]
-            and len(offsets) == shard["num_documents"] + 1
-            and offsets[0] == 0
-            and offsets[-1] == len(tokens)
-            and bool(np.all(np.diff(offsets) >= 0))
+            and tokens.dtype.kind in "iu"
+            and tokens.dtype.name == index.get("dtype", tokens.dtype.name)
+            and len(tokens) == num_tokens
+            and offsets.ndim == 1
+            and offsets.dtype.kind in "iu"
+            and num_documents >= 0
+            and len(offsets) == num_documents + 1
         )
+        if consistent:
+            offsets = np.asarray(offsets, np.int64)  # a view, unless another writer chose int32
+            consistent = (
+                offsets[0] == 0
+                and offsets[-1] == len(tokens)
+                and bool(np.all(np.diff(offsets) >= 0))
+            )
         if not consistent:
-            raise DataError(f"shard {path} disagrees with index.json: rerun prepare-data")
+            check()  # a corrupt file explains the disagreement better, and names the file
+            raise DataError(
+                f"shard {paths['tokens']} disagrees with index.json: rerun prepare-data"
+            )
         parts.append((tokens, offsets))
-    return Corpus(tuple(parts))
+        checks.append(check)
+    corpus = Corpus(tuple(parts), tuple(checks))
+    if verify:
+        _verify(corpus)
+    return corpus

@@ -10,8 +10,15 @@ from typing import Any
 
 import numpy as np
 
-from rtdlm.train.data import BYTE_VOCAB_SIZE, decode, encode
-from rtdlm.train.shards import DataError
+from rtdlm.train.data import (
+    BYTE_VOCAB_SIZE,
+    Splits,
+    decode,
+    encode,
+    split_documents,
+    stdlib_documents,
+)
+from rtdlm.train.shards import DataError, open_split, read_index
 
 
 @dataclass(frozen=True)
@@ -59,3 +66,14 @@ def from_index(index: dict[str, Any], directory: Path) -> Tokenizer:
             )
         return tokenizer
     raise DataError(f"{directory / 'index.json'} names an unknown tokenizer {entry!r}")
+
+
+def load_data(path: str | Path | None) -> tuple[Splits, Tokenizer]:
+    """The train and validation splits to train on, and their tokenizer: a prepare-data shard
+    directory, or with no path the built-in corpus (Python's own documentation, bytes)."""
+    if path is None:
+        return split_documents(stdlib_documents()), BYTES
+    path = Path(path)
+    index = read_index(path)
+    splits = Splits(open_split(path, "train", index), open_split(path, "validation", index))
+    return splits, from_index(index, path)

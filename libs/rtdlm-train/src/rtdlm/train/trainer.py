@@ -1,0 +1,488 @@
+"""The run as a library: init or resume, train, evaluate, checkpoint, recover, stop.
+
+    trainer = Trainer(cfg, data, "runs/exp1", callbacks=[Progress(sys.stdout, 200)])
+    result = trainer.run(should_stop=lambda: stop_requested)
+
+Rerunning with the same run directory resumes from its newest intact checkpoint. The loop
+never waits for a step it does not need to: step N's metrics are read while step N + 1 runs,
+except at the steps that need the state itself (evaluation, checkpoints, the end), where the
+held-out loss is computed before the checkpoint so the best one can be kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rtdlm import ckpt
+from rtdlm.model import build_with_stats, flops_per_token, memory_estimate, param_count
+from rtdlm.train.callbacks import Callback, CheckpointLog, EvalLog, StepLog, StepsFile
+from rtdlm.train.config import (
+    RunConfig,
+    for_first_start,
+    for_resume,
+    load_yaml,
+    resolve,
+    to_dict,
+    to_yaml,
+)
+from rtdlm.train.data import Splits
+from rtdlm.train.loop import (
+    Batch,
+    StepMetrics,
+    TrainState,
+    evaluation_batches,
+    init_state,
+    make_evaluate,
+    make_optimizer,
+    make_train_step,
+)
+from rtdlm.train.pipeline import Prefetch, packed_batches
+from rtdlm.train.rundir import RunDirError, RunDirLock
+from rtdlm.train.shards import DataError
+
+log = logging.getLogger(__name__)
+
+Status = Literal["completed", "stopped", "nonfinite", "checkpoint_error", "data_error"]
+MAX_ROLLBACKS = 3
+
+
+@dataclass(frozen=True)
+class RunResult:
+    status: Status  # completed and stopped are successes; the others come with a message
+    config: RunConfig  # as resolved against the run directory (decay_steps fixed)
+    start_step: int  # where this process started: 0 for a fresh run
+    step: int  # the last step taken
+    tokens: int  # tokens this process trained on
+    seconds: float
+    evals: tuple[EvalLog, ...]
+    params: hk.Params | None  # after the last step
+    checkpoints: Path
+    last_checkpoint: int | None  # the newest committed checkpoint
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("completed", "stopped")
+
+    def summary(self) -> str:
+        """One line for the end of a run."""
+        evals = self.evals
+        held_out = f"held-out loss {evals[0].loss:.4f} -> {evals[-1].loss:.4f}" if evals else ""
+        best = min((e.loss for e in evals), default=float("nan"))
+        return (
+            f"{self.step} steps ({self.step - self.start_step} this run, {self.tokens:,} tokens) "
+            f"in {self.seconds:.1f}s | {held_out} | best held-out loss {best:.4f} | "
+            f"checkpoint {self.checkpoints}/{self.last_checkpoint}"
+        )
+
+
+class _Pending(NamedTuple):
+    """A dispatched step whose metrics have not been read yet."""
+
+    step: int
+    metrics: StepMetrics
+    tokens: int
+    data_wait: float
+
+
+class _Halt(Exception):
+    """Ends the step loop with a status other than completed."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Trainer:
+    """Runs `cfg` on `data` in `run_dir`; callbacks hear every step, evaluation and commit.
+
+    A class only to hold what a run is made of; `run` does the work and returns a RunResult.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: Splits,
+        run_dir: str | Path,
+        callbacks: Sequence[Callback] = (),
+        *,
+        resume: bool = True,
+        compile_cache: bool = True,
+    ) -> None:
+        self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir).absolute()
+        self.callbacks = list(callbacks)
+        self.resume, self.compile_cache = resume, compile_cache
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> RunResult:
+        """Trains to train.max_steps, or until should_stop() says so after a step; then
+        checkpoints. Bad input (ConfigError, DataError, RunDirError, CheckpointError) raises
+        before any file is written or changed; what goes wrong while training is in the result.
+        """
+        held_out = evaluation_batches(self.data, self.cfg)  # too little data: DataError now
+        next(packed_batches(self.data.train, self.cfg.data.batch_size, self.cfg.model.seq_len, 0))
+        with RunDirLock(self.run_dir):
+            cfg, fresh = self._settle_config()
+            if self.compile_cache:  # before anything compiles: restarts reuse compiled steps
+                jax.config.update("jax_compilation_cache_dir", str(self.run_dir / "xla-cache"))
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+            retention = ckpt.Retention(keep_last=cfg.train.keep_checkpoints, keep_best=1)
+            with ckpt.CheckpointManager(self.run_dir / "checkpoints", retention) as manager:
+                return _Run(cfg, self, manager, held_out).run(fresh, should_stop)
+
+    def _settle_config(self) -> tuple[RunConfig, bool]:
+        """The config to run with, saved as config.yaml; and whether this is a fresh start."""
+        checkpoints = self.run_dir / "checkpoints"
+        # committed steps only: a killed first save leaves a tmp dir, which is no run to resume
+        has_checkpoints = checkpoints.is_dir() and any(
+            p.name.isdigit() for p in checkpoints.iterdir()
+        )
+        if has_checkpoints and not self.resume:
+            raise RunDirError(
+                f"{checkpoints} already holds checkpoints and resuming is off (--no-resume): "
+                "pass a new --run-dir (nothing is overwritten)"
+            )
+        saved_file = self.run_dir / "config.yaml"
+        if has_checkpoints and saved_file.is_file():
+            saved = resolve(None, load_yaml(saved_file.read_text(), str(saved_file)))
+            cfg = for_resume(saved, self.cfg, str(self.run_dir))
+        else:
+            cfg = for_first_start(self.cfg)
+        saved_file.write_text(to_yaml(cfg))
+        log.info("config (%s):\n%s", saved_file, to_yaml(cfg).rstrip())
+        return cfg, not has_checkpoints
+
+
+def describe(cfg: RunConfig) -> str:
+    """What a run of `cfg` costs, from the config alone (the trainer's --dry-run)."""
+    micro = cfg.data.batch_size // cfg.data.micro_batches
+    memory, tokens = memory_estimate(cfg.model, micro), cfg.data.batch_size * cfg.model.seq_len
+    per_token = flops_per_token(cfg.model)
+    gib = {k: v / 2**30 for k, v in vars(memory).items()} | {"total": memory.total / 2**30}
+    return (
+        f"preset {cfg.preset}: {param_count(cfg.model):,} parameters | "
+        f"{per_token / 1e6:,.1f} MFLOPs per token (forward + backward) | "
+        f"{per_token * tokens / 1e12:,.3f} TFLOPs per step of {tokens:,} tokens\n"
+        f"memory estimate per micro-batch of {micro}: params {gib['params']:.2f} GiB + "
+        f"gradients {gib['gradients']:.2f} GiB + optimizer {gib['optimizer_state']:.2f} GiB + "
+        f"activations {gib['activations']:.2f} GiB = {gib['total']:.2f} GiB"
+    )
+
+
+def abstract_state(cfg: RunConfig) -> TrainState:
+    """Shapes, dtypes and placement of a TrainState, to restore into: nothing is computed."""
+    model, optimizer = build_with_stats(cfg.model), make_optimizer(cfg.optimizer)
+    shapes = jax.eval_shape(lambda: init_state(model, optimizer, cfg))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+
+
+def restore_state(
+    manager: ckpt.CheckpointManager, cfg: RunConfig
+) -> tuple[TrainState, dict[str, Any]]:
+    """The newest intact checkpoint as a TrainState, and the data position saved with it."""
+    target = abstract_state(cfg)
+    restored = manager.restore_latest(params=target.params, opt_state=target.opt_state)
+    # Restored arrays are committed to a device, fresh ones are not: without this the train
+    # step would compile twice more (for the restored state, then for its own outputs).
+    params, opt_state = jax.tree.map(
+        lambda x: jnp.asarray(np.asarray(x)), (restored.params, restored.opt_state)
+    )
+    step, nonfinite_in_row = jnp.asarray(restored.step, jnp.int32), jnp.zeros((), jnp.int32)
+    return TrainState(step, params, opt_state, nonfinite_in_row), restored.data_state
+
+
+class _Run:
+    """One call of Trainer.run: the loop's moving parts, alive only while it runs."""
+
+    def __init__(
+        self, cfg: RunConfig, trainer: Trainer, manager: ckpt.CheckpointManager, held_out: list
+    ) -> None:
+        self.cfg, self.data, self.manager = cfg, trainer.data, manager
+        self.run_dir = trainer.run_dir
+        self.steps_file = StepsFile(self.run_dir / "steps.jsonl")
+        self.callbacks = [self.steps_file, *trainer.callbacks]
+        model = build_with_stats(cfg.model)
+        self.train_step = make_train_step(model, make_optimizer(cfg.optimizer), cfg)
+        self.evaluate = make_evaluate(model, held_out)
+        self.flops_per_token = flops_per_token(cfg.model)
+        self.evals: list[EvalLog] = []
+        self.saving: dict[int, float] = {}  # saves started and not yet reported: blocking time
+        self.last_saved: int | None = manager.latest_step()
+        self.tokens = 0
+        self.rollbacks = 0
+        self.last_done = time.perf_counter()
+        self.profiling = False
+        self.save_failed = False
+        self.start_step = 0
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, fresh: bool, should_stop: Callable[[], bool]) -> RunResult:
+        cfg, started = self.cfg, time.perf_counter()
+        if fresh:
+            state = init_state(build_with_stats(cfg.model), make_optimizer(cfg.optimizer), cfg)
+            position: dict[str, Any] | None = None
+        else:
+            state, position = restore_state(self.manager, cfg)
+            log.info("resumed from step %d in %s", int(state.step), self.manager.directory)
+        self.start_step = step = int(state.step)
+        status: Status = "completed"
+        message = ""
+        if step >= cfg.train.max_steps:
+            message = f"nothing to do, step {step} >= train.max_steps"
+        elif fresh:
+            self._evaluate(0, state)
+        stream = self._batches(position)
+        pending: _Pending | None = None
+        try:
+            while step < cfg.train.max_steps:
+                try:
+                    if should_stop():
+                        self._finish(pending)
+                        pending, status = None, "stopped"
+                        break
+                    if cfg.train.profile_steps and step == self.start_step + 2:
+                        self._finish(pending)
+                        pending = None
+                        jax.profiler.start_trace(str(self.run_dir / "profile"))
+                        self.profiling = True
+                    begin = time.perf_counter()
+                    try:
+                        batch, position = next(stream)
+                    except DataError as error:  # a shard found corrupt on first use
+                        self._finish(pending)
+                        pending, status = None, "data_error"
+                        message = (
+                            f"{error}; training stopped before step {step + 1} and the state "
+                            "is checkpointed: rerun to resume once the data is fixed"
+                        )
+                        break
+                    data_wait = time.perf_counter() - begin
+                    state, metrics = self.train_step(state, batch)
+                    step += 1
+                    rows, width = batch.tokens.shape
+                    previous = pending
+                    pending = _Pending(step, metrics, rows * (width - 1), data_wait)
+                    self._finish(previous)  # the step before, read while this one runs
+                    if self._due(step):
+                        self._finish(pending)
+                        pending = None
+                        self._at_sync_point(step, state, position)
+                except _Rollback as rollback:
+                    state, step, stream = self._roll_back(rollback, position, stream)
+                    pending = None
+                self._report_commits()
+            if status in ("stopped", "data_error") and self.last_saved != step:
+                self._save(step, state, position)
+            self._stop_profile()
+            try:
+                self.manager.wait()
+            except ckpt.CheckpointSaveError as error:
+                self._checkpoint_failed(error)
+            self._report_commits()
+            if self.save_failed and self.manager.latest_step() != step:
+                raise _Halt(
+                    "checkpoint_error",
+                    f"the checkpoint of step {step} was not saved; the newest is "
+                    f"{self.manager.latest_step()} in {self.manager.directory}: rerun to resume "
+                    "from it once the problem above is fixed",
+                )
+        except _Halt as halt:
+            status, message = halt.status, str(halt)
+        finally:
+            stream.close()
+            self._stop_profile()
+            self.steps_file.close()
+        result = RunResult(
+            status=status,
+            config=cfg,
+            start_step=self.start_step,
+            step=step,
+            tokens=self.tokens,
+            seconds=time.perf_counter() - started,
+            evals=tuple(self.evals),
+            params=state.params if step > self.start_step else None,
+            checkpoints=Path(str(self.manager.directory)),
+            last_checkpoint=self.manager.latest_step(),
+            message=message,
+        )
+        for callback in self.callbacks:
+            callback.on_end(result)
+        return result
+
+    def _batches(self, position: dict[str, Any] | None) -> Prefetch:
+        """Batches on the device, packed and placed ahead on a background thread."""
+        cfg = self.cfg
+        rows = packed_batches(
+            self.data.train, cfg.data.batch_size, cfg.model.seq_len, cfg.data.shuffle_seed, position
+        )
+        placed = ((Batch(*jax.device_put((t, s))), p) for t, s, p in rows)
+        return Prefetch(placed, cfg.data.prefetch)
+
+    def _due(self, step: int) -> bool:
+        """Steps whose state is needed: evaluation, checkpoint, the last, a profile's end."""
+        train = self.cfg.train
+        return (
+            step % train.eval_every == 0
+            or step % train.checkpoint_every == 0
+            or step == train.max_steps
+            or (self.profiling and step == self._profile_end)
+        )
+
+    @property
+    def _profile_end(self) -> int:
+        return self.start_step + 2 + self.cfg.train.profile_steps
+
+    def _finish(self, pending: _Pending | None) -> None:
+        """Waits for a dispatched step, reports it, and applies the non-finite policy."""
+        if pending is None:
+            return
+        metrics = jax.device_get(pending.metrics)
+        now = time.perf_counter()
+        entry = StepLog(
+            step=pending.step,
+            loss=float(metrics.loss),
+            learning_rate=float(metrics.learning_rate),
+            grad_norm=float(metrics.grad_norm),
+            tokens=pending.tokens,
+            step_seconds=now - self.last_done,
+            data_wait_seconds=pending.data_wait,
+            flops=self.flops_per_token * pending.tokens,
+            skipped=not bool(metrics.finite),
+            nonfinite_in_row=int(metrics.nonfinite_in_row),
+        )
+        self.last_done = now
+        self.tokens += entry.tokens
+        for callback in self.callbacks:
+            callback.on_step(entry)
+        if entry.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+            self._nonfinite(entry)
+
+    def _nonfinite(self, entry: StepLog) -> None:
+        where = f"{entry.nonfinite_in_row} non-finite steps in a row at step {entry.step}"
+        can_roll_back = self.last_saved is not None and self.rollbacks < MAX_ROLLBACKS
+        if self.cfg.train.on_nonfinite == "rollback" and can_roll_back:
+            raise _Rollback(where)
+        raise _Halt(
+            "nonfinite",
+            f"{where}: stopping; lower optimizer.learning_rate or check the data (the last good "
+            f"checkpoint is in {self.manager.directory})",
+        )
+
+    def _roll_back(
+        self, rollback: _Rollback, position: dict[str, Any] | None, stream: Prefetch
+    ) -> tuple[TrainState, int, Prefetch]:
+        """The last checkpoint's state, with the data stream past the batches that went bad."""
+        self.manager.wait()
+        state, _ = restore_state(self.manager, self.cfg)
+        self.rollbacks += 1
+        log.warning(
+            "%s: rolled back to step %d (rollback %d of %d), skipping those batches",
+            rollback,
+            int(state.step),
+            self.rollbacks,
+            MAX_ROLLBACKS,
+        )
+        stream.close()
+        self.last_done = time.perf_counter()
+        return state, int(state.step), self._batches(position)
+
+    def _at_sync_point(self, step: int, state: TrainState, position: dict[str, Any]) -> None:
+        train = self.cfg.train
+        if self.profiling and step == self._profile_end:
+            self._stop_profile()
+        eval_loss = None
+        if step % train.eval_every == 0 or step == train.max_steps:
+            eval_loss = self._evaluate(step, state)
+        if step % train.checkpoint_every == 0 or step == train.max_steps:
+            self._save(step, state, position, eval_loss)
+        self.last_done = time.perf_counter()  # evaluation and saving are not step time
+
+    def _stop_profile(self) -> None:
+        if self.profiling:
+            jax.profiler.stop_trace()
+            self.profiling = False
+            log.info("profile written to %s", self.run_dir / "profile")
+
+    def _evaluate(self, step: int, state: TrainState) -> float:
+        entry = EvalLog(step, self.evaluate(state.params))
+        self.evals.append(entry)
+        for callback in self.callbacks:
+            callback.on_eval(entry)
+        return entry.loss
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _save(
+        self,
+        step: int,
+        state: TrainState,
+        position: dict[str, Any] | None,
+        eval_loss: float | None = None,
+    ) -> None:
+        """Starts an async save of a finite state; only good states are saved, so a rollback
+        lands before the trouble."""
+        if int(state.nonfinite_in_row) != 0:
+            return
+        for _ in range(2):  # an earlier save's failure surfaces here first; then this one goes
+            try:
+                info = self.manager.save(
+                    step,
+                    params=state.params,
+                    opt_state=state.opt_state,
+                    data_state=position or {},
+                    config=to_dict(self.cfg),
+                    metrics=None if eval_loss is None else {"eval_loss": eval_loss},
+                )
+            except ckpt.CheckpointSaveError as error:
+                self._checkpoint_failed(error)
+                self._halt_or_go_on(error)
+                continue
+            self.saving[step] = info.blocking_seconds
+            self.last_saved = step
+            return
+
+    def _report_commits(self) -> None:
+        """Tells callbacks about saves that have committed since; never blocks."""
+        try:
+            step = self.manager.committed()
+        except ckpt.CheckpointSaveError as error:
+            self._checkpoint_failed(error)
+            self._halt_or_go_on(error)
+            return
+        if step is None:
+            return
+        for saved in sorted(s for s in self.saving if s <= step):
+            entry = CheckpointLog(
+                saved, str(self.manager.directory / str(saved)), self.saving.pop(saved)
+            )
+            for callback in self.callbacks:
+                callback.on_checkpoint_committed(entry)
+
+    def _checkpoint_failed(self, error: ckpt.CheckpointSaveError) -> None:
+        self.save_failed = True
+        self.saving.pop(error.step, None)
+        if self.last_saved == error.step:
+            self.last_saved = error.last_good
+        entry = CheckpointLog(error.step, str(error.path), 0.0, error=str(error))
+        for callback in self.callbacks:
+            callback.on_checkpoint_failed(entry)
+
+    def _halt_or_go_on(self, error: ckpt.CheckpointSaveError) -> None:
+        if self.cfg.train.on_checkpoint_error == "stop":
+            raise _Halt("checkpoint_error", str(error))
+        log.warning("%s; training goes on (train.on_checkpoint_error=continue)", error)
+
+
+class _Rollback(Exception):
+    """Raised inside the loop to restore the last checkpoint and go on."""

@@ -1,0 +1,111 @@
+"""A checkpoint save that fails on a full disk: counted, reported once, and then either the end
+of the run (train.on_checkpoint_error=stop) or retried at the next cadence (continue)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from rtdlm import ckpt
+from rtdlm.metrics import PrometheusTrainingCallback
+from rtdlm.train import Callback, CheckpointLog, Prometheus, RunResult, Trainer, resolve
+from rtdlm.train import split_documents as split
+from rtdlm.train.data import stdlib_documents
+
+SMALL = ["model.d_model=64", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2"]
+SMALL += ["model.seq_len=32", "metrics.enabled=false", "data.batch_size=2"]
+SMALL += ["train.max_steps=8", "train.checkpoint_every=2", "train.eval_every=4"]
+DATA = split(stdlib_documents())
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A resizable tmpfs as the run's checkpoint directory: a real ENOSPC, this disk spared."""
+    run_dir = tmp_path / "run"
+    mount = run_dir / "checkpoints"
+    mount.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"needs root to mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield run_dir
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def resize(run_dir: Path, size: int) -> None:
+    subprocess.run(
+        ["mount", "-o", f"remount,size={size}", str(run_dir / "checkpoints")], check=True
+    )
+
+
+def one_checkpoint(tmp_path: Path) -> int:
+    cfg = resolve("tiny", sets=[*SMALL, "train.max_steps=1"], vocab_size=256)
+    Trainer(cfg, DATA, tmp_path / "measure", compile_cache=False).run()
+    files = (tmp_path / "measure" / "checkpoints" / "1").rglob("*")
+    return sum(p.stat().st_size for p in files if p.is_file())
+
+
+class Failures(Callback):
+    def __init__(self, on_failure: object = None) -> None:
+        self.failed: list[CheckpointLog] = []
+        self.committed: list[int] = []
+        self.on_failure = on_failure
+
+    def on_checkpoint_failed(self, log: CheckpointLog) -> None:
+        self.failed.append(log)
+        if callable(self.on_failure):
+            self.on_failure()
+
+    def on_checkpoint_committed(self, log: CheckpointLog) -> None:
+        self.committed.append(log.step)
+
+
+def train(run_dir: Path, *sets: str, callback: Callback) -> tuple[RunResult, CollectorRegistry]:
+    registry = CollectorRegistry()
+    metrics = Prometheus(PrometheusTrainingCallback(registry, run="disk"))
+    cfg = resolve("tiny", sets=[*SMALL, *sets], vocab_size=256)
+    trainer = Trainer(cfg, DATA, run_dir, [metrics, callback], compile_cache=False)
+    return trainer.run(), registry
+
+
+def errors(registry: CollectorRegistry) -> float | None:
+    return registry.get_sample_value(
+        "rtdlm_checkpoint_errors_total", {"run": "disk", "process_index": "0"}
+    )
+
+
+def test_stop_ends_the_run_with_one_line_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, disk: Path
+) -> None:
+    resize(disk, int(one_checkpoint(tmp_path) * 1.5))  # room for step 2, not for step 4 too
+    failures = Failures()
+    result, registry = train(disk, callback=failures)
+    assert result.status == "checkpoint_error" and not result.ok
+    assert result.message.startswith(f"checkpoint step 4 could not be saved to {disk}/checkpoints")
+    assert "No space left on device" in result.message and "\n" not in result.message
+    assert "the last good checkpoint is step 2" in result.message
+    assert [f.step for f in failures.failed] == [4] and failures.committed == [2]
+    assert errors(registry) == 1
+    assert result.last_checkpoint == 2
+    assert sorted(p.name for p in (disk / "checkpoints").iterdir()) == ["2"]
+    ckpt.CheckpointManager(disk / "checkpoints", read_only=True).restore(2)  # intact, verified
+
+
+def test_continue_trains_on_and_saves_at_the_next_cadence_once_there_is_room(
+    tmp_path: Path, disk: Path
+) -> None:
+    size = one_checkpoint(tmp_path)
+    resize(disk, int(size * 1.5))
+    failures = Failures(on_failure=lambda: resize(disk, size * 10))  # an operator frees space
+    result, registry = train(disk, "train.on_checkpoint_error=continue", callback=failures)
+    assert result.status == "completed" and result.step == 8
+    assert [f.step for f in failures.failed] == [4] and failures.committed == [2, 6, 8]
+    assert errors(registry) == 1
+    assert sorted(int(p.name) for p in (disk / "checkpoints").iterdir()) == [2, 6, 8]

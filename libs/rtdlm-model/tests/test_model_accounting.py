@@ -21,11 +21,19 @@ def real_param_count(cfg: ModelConfig) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(shapes))
 
 
+@pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_counted_params_match_the_real_tree_and_the_targets(name: str) -> None:
-    cfg = preset(name, vocab_size=256)
+def test_counted_params_match_the_real_tree_and_the_targets(name: str, scan: bool) -> None:
+    cfg = preset(name, vocab_size=256, scan_layers=scan)
     assert param_count(cfg) == real_param_count(cfg)
     assert 0.8 < non_embedding_params(cfg) / TARGETS[name] < 1.2
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_counted_moe_params_match_the_real_tree_in_both_layouts(scan: bool) -> None:
+    cfg = preset("tiny", vocab_size=256, moe_every=2, num_experts=4, scan_layers=scan)
+    assert param_count(cfg) == real_param_count(cfg)
+    assert non_embedding_params(cfg, active_only=True) < non_embedding_params(cfg)
 
 
 def test_flops_agree_with_xla_cost_analysis() -> None:

@@ -116,3 +116,16 @@ def test_the_step_reports_the_learning_rate_it_used() -> None:
 def test_padding_and_cross_document_targets_do_not_count() -> None:
     segments = jnp.asarray([[1, 1, 1, 2, 2, 0, 0]])
     assert target_mask(segments).tolist() == [[True, True, False, True, False, False]]
+
+
+def test_weight_decay_skips_norm_scales_even_when_stacked_over_layers() -> None:
+    from rtdlm.train.loop import _decay_mask
+
+    cfg = config("model.scan_layers=true", "model.num_layers=2")
+    model = build_with_stats(cfg.model)
+    params = jax.eval_shape(lambda: init_state(model, make_optimizer(cfg.optimizer), cfg).params)
+    mask = _decay_mask(params)
+    assert params["layers/block/attn_norm"]["scale"].shape == (2, 32)
+    assert mask["layers/block/attn_norm"]["scale"] is False
+    assert mask["final_norm"]["scale"] is False
+    assert mask["layers/block/attn/query"]["w"] is True and mask["embed"]["embeddings"] is True

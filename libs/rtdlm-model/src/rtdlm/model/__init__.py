@@ -19,6 +19,8 @@ from rtdlm.model.transformer import (
     decode,
     forward,
     init_cache,
+    stack_layers,
+    unstack_layers,
 )
 
 __all__ = [
@@ -42,4 +44,6 @@ __all__ = [
     "param_count",
     "preset",
     "sample",
+    "stack_layers",
+    "unstack_layers",
 ]

@@ -3,6 +3,10 @@ grouped-query attention and a SwiGLU MLP, small enough to read on one screen.
 
 Parameters are created and stored in float32; they are cast to `compute_dtype` where they are
 read, and the logits come back in float32 (mixed precision without global policy state).
+
+Blocks are traced one by one (parameters block_0/..., block_1/...) or, with cfg.scan_layers,
+as one lax.scan (parameters stacked under layers/...), which keeps compile time flat in depth;
+stack_layers and unstack_layers convert parameters between the two layouts.
 """
 
 from __future__ import annotations
@@ -120,6 +124,88 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
+def apply_block(
+    name: str,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array | None,
+    cfg: ModelConfig,
+    use_moe: bool,
+    cache: LayerCache | None,
+) -> tuple[jax.Array, LayerCache | None, MoEStats]:
+    """One block as the module `name`; in training, rematerialised under cfg.remat."""
+    layer_fn = hk.to_module(block)(name=name)
+    if cache is None and cfg.remat != "none":
+        layer_fn = hk.remat(layer_fn, policy=REMAT[cfg.remat], static_argnums=(3, 4))
+    return layer_fn(x, positions, mask, cfg, use_moe, cache)
+
+
+KV = tuple[jax.Array, jax.Array]  # keys and values of consecutive layers, [layers, ...] each
+
+
+def run_blocks(
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array | None,
+    cfg: ModelConfig,
+    names: list[str],
+    cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, KV | None, MoEStats]:
+    """The blocks `names` one after another (the i-th is MoE where cfg.is_moe_layer(i)), their
+    MoE stats summed; when decoding, their caches (k, v, length) go in and come back grown."""
+    new_k, new_v, stats = [], [], MoEStats.zeros()
+    for i, name in enumerate(names):
+        layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache[2])
+        x, layer_cache, layer_stats = apply_block(
+            name, x, positions, mask, cfg, cfg.is_moe_layer(i), layer_cache
+        )
+        stats = MoEStats(*(a + b for a, b in zip(stats, layer_stats, strict=True)))
+        if layer_cache is not None:
+            new_k.append(layer_cache[0])
+            new_v.append(layer_cache[1])
+    return x, (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None, stats
+
+
+def scan_slots(cfg: ModelConfig) -> list[str]:
+    """Module names of the blocks in one scan step: "block", or block_0 ... when grouped."""
+    if cfg.scan_group == 1:
+        return ["block"]
+    return [f"block_{j}" for j in range(cfg.scan_group)]
+
+
+def scanned_blocks(
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array | None,
+    cfg: ModelConfig,
+    cache: KVCache | None,
+) -> tuple[jax.Array, KV | None, MoEStats]:
+    """All blocks as one lax.scan, so that compile time does not grow with depth.
+
+    A scan step runs one group of cfg.scan_group blocks (with MoE: moe_every - 1 dense blocks,
+    then the MoE one), its parameters stacked along a leading axis under layers/. When
+    decoding, the group's slice of the cache is a scanned input and its update an output.
+    """
+    size, groups = cfg.scan_group, cfg.num_layers // cfg.scan_group
+
+    def group(
+        carry: tuple[jax.Array, MoEStats], *kv: jax.Array
+    ) -> tuple[tuple[jax.Array, MoEStats], KV | None]:
+        x, stats = carry
+        group_cache = (kv[0], kv[1], cache.length) if cache is not None else None
+        x, kv_out, group_stats = run_blocks(x, positions, mask, cfg, scan_slots(cfg), group_cache)
+        return (x, MoEStats(*(a + b for a, b in zip(stats, group_stats, strict=True)))), kv_out
+
+    # Caches [layers, ...] as [groups, size, ...]: one group's slice per scan step.
+    kv = () if cache is None else tuple(c.reshape(groups, size, *c.shape[1:]) for c in cache[:2])
+    stack = hk.layer_stack(groups, with_per_layer_inputs=True, name="layers")
+    (x, stats), new_kv = stack(group)((x, MoEStats.zeros()), *kv)
+    if new_kv is None:
+        return x, None, stats
+    k, v = (c.reshape(cfg.num_layers, *c.shape[2:]) for c in new_kv)
+    return x, (k, v), stats
+
+
 def transformer(
     tokens: jax.Array,
     positions: jax.Array,
@@ -142,28 +228,19 @@ def transformer(
             cfg.vocab_size, cfg.d_model, w_init=hk.initializers.TruncatedNormal(0.02), name="embed"
         )
         x = embed(tokens)
-        new_k, new_v, stats = [], [], MoEStats.zeros()
-        for layer in range(cfg.num_layers):
-            layer_fn = hk.to_module(block)(name=f"block_{layer}")
-            use_moe = cfg.is_moe_layer(layer)
-            if cache is not None:
-                layer_cache = (cache.k[layer], cache.v[layer], cache.length)
-                x, (k, v, _), layer_stats = layer_fn(x, positions, mask, cfg, use_moe, layer_cache)
-                new_k.append(k)
-                new_v.append(v)
-            else:
-                if cfg.remat != "none":
-                    layer_fn = hk.remat(layer_fn, policy=REMAT[cfg.remat], static_argnums=(3, 4))
-                x, _, layer_stats = layer_fn(x, positions, mask, cfg, use_moe)
-            stats = MoEStats(*(a + b for a, b in zip(stats, layer_stats, strict=True)))
+        if cfg.scan_layers:
+            x, kv, stats = scanned_blocks(x, positions, mask, cfg, cache)
+        else:  # every block traced on its own, as modules block_0 ... block_{L-1}
+            names = [f"block_{layer}" for layer in range(cfg.num_layers)]
+            x, kv, stats = run_blocks(x, positions, mask, cfg, names, cache)
         x = rms_norm(x, cfg, "final_norm")
         if cfg.tie_embeddings:
             logits = x @ embed.embeddings.T
         else:
             logits = hk.Linear(cfg.vocab_size, with_bias=False, name="unembed")(x)
     if cache is not None:
-        length = cache.length + tokens.shape[1]
-        cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), length)
+        assert kv is not None
+        cache = KVCache(*kv, cache.length + tokens.shape[1])
     return logits.astype(jnp.float32), cache, stats
 
 
@@ -225,3 +302,33 @@ def build_decoder(cfg: ModelConfig) -> hk.Transformed:
 
 def count_params(params: hk.Params) -> int:
     return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
+def stack_layers(params: hk.Params, cfg: ModelConfig) -> hk.Params:
+    """Looped-layout parameters (block_0/...) in the scanned layout (layers/...) of cfg:
+    block g * cfg.scan_group + j becomes row g of slot j. Values are unchanged."""
+    size, groups = cfg.scan_group, cfg.num_layers // cfg.scan_group
+    if f"block_{cfg.num_layers - 1}/attn/query" not in params:
+        raise ValueError(f"params are not the looped layout of a {cfg.num_layers}-layer model")
+    out = {name: dict(p) for name, p in params.items() if not name.startswith("block_")}
+    for j, slot in enumerate(scan_slots(cfg)):
+        for name in [n for n in params if n.startswith(f"block_{j}/")]:
+            module = name.split("/", 1)[1]
+            rows = [params[f"block_{g * size + j}/{module}"] for g in range(groups)]
+            out[f"layers/{slot}/{module}"] = {k: jnp.stack([r[k] for r in rows]) for k in rows[0]}
+    return out
+
+
+def unstack_layers(params: hk.Params, cfg: ModelConfig) -> hk.Params:
+    """The inverse of stack_layers: scanned-layout parameters back as block_0 ... block_{L-1}."""
+    size, slots = cfg.scan_group, scan_slots(cfg)
+    query = params.get(f"layers/{slots[-1]}/attn/query", {}).get("w")
+    if query is None or query.shape[0] != cfg.num_layers // size:
+        raise ValueError(f"params are not the scanned layout of a {cfg.num_layers}-layer model")
+    out = {name: dict(p) for name, p in params.items() if not name.startswith("layers/")}
+    for j, slot in enumerate(slots):
+        for name in [n for n in params if n.startswith(f"layers/{slot}/")]:
+            module = name.split("/", 2)[2]
+            for g in range(cfg.num_layers // size):
+                out[f"block_{g * size + j}/{module}"] = {k: v[g] for k, v in params[name].items()}
+    return out

@@ -70,9 +70,16 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     )
 
 
+NO_DECAY = ("scale", "offset", "b")  # norm parameters and biases, stacked over layers or not
+
+
 def _decay_mask(params: hk.Params) -> Any:
-    """Weight decay on matrices only: never on norm scales or biases."""
-    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    """Weight decay on weight matrices only: never on norm scales or biases (by name, since
+    with scanned layers a norm scale is [layers, d], as two-dimensional as a matrix)."""
+    return {
+        module: {name: value.ndim >= 2 and name not in NO_DECAY for name, value in leaves.items()}
+        for module, leaves in params.items()
+    }
 
 
 def target_mask(segment_ids: jax.Array) -> jax.Array:

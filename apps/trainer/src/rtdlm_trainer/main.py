@@ -33,14 +33,16 @@ from rtdlm.train import (
     RunDirError,
     RunResult,
     Trainer,
+    distributed,
     load_yaml,
     resolve,
 )
+from rtdlm.train.distributed import DistributedError
 from rtdlm.train.shards import DataError, read_index
 from rtdlm.train.tokenizer import Tokenizer, load_data
 from rtdlm.train.trainer import describe
 
-BAD_INPUT = (ConfigError, DataError, RunDirError, CheckpointError, ExporterError)
+BAD_INPUT = (ConfigError, DataError, RunDirError, CheckpointError, ExporterError, DistributedError)
 SHORTCUTS = [  # flag, config key, type or fixed value: each is --set KEY=VALUE at its place
     ("--max-steps", "train.max_steps", int),
     ("--batch-size", "data.batch_size", int),
@@ -97,6 +99,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sample-tokens", type=int, default=120, help="text to generate at the end"
     )
+    hosts = parser.add_argument_group("multi-host jobs (or RTDLM_COORDINATOR_ADDRESS, ...)")
+    hosts.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address")
+    hosts.add_argument("--num-processes", type=int, help="processes in the job")
+    hosts.add_argument("--process-id", type=int, help="this process, 0 .. num-processes - 1")
+    hosts.add_argument("--cluster-detection", action="store_true", help="let JAX find the job")
+    hosts.add_argument("--join-timeout", type=int, default=300, help="seconds to reach the others")
+    hosts.add_argument("--heartbeat-timeout", type=int, default=100, help="seconds: a peer is lost")
     shortcuts = parser.add_argument_group("shortcuts for --set")
     for flag, key, kind in SHORTCUTS:
         shortcuts.add_argument(flag, dest="sets", action=SetKey, key=key, kind=kind, help=key)
@@ -160,7 +169,7 @@ def summarize(result: RunResult, tokenizer: Tokenizer, sample_tokens: int, stop:
         print(f"done: {result.message}")
         return 0
     cfg = result.config.model
-    if sample_tokens > 0:
+    if sample_tokens > 0 and jax.process_count() == 1:
         prompt = tokenizer.encode(text := "The ")
         budget = min(sample_tokens, cfg.seq_len - len(prompt))
         key = jax.random.PRNGKey(result.config.train.seed)
@@ -186,6 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     run_log.handlers = [logging.StreamHandler(sys.stdout)]
     args = parse_args(argv)
     try:
+        cluster = distributed.from_environment(
+            os.environ,
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            auto=args.cluster_detection,
+            timeout_seconds=args.join_timeout,
+            heartbeat_seconds=args.heartbeat_timeout,
+        )
+        distributed.initialize(cluster)  # before anything else touches JAX
+        if jax.process_count() > 1:  # say which process speaks
+            prefix = f"[process {jax.process_index()}/{jax.process_count()}] %(message)s"
+            run_log.handlers[0].setFormatter(logging.Formatter(prefix))
         cfg = resolve_config(args)
         if args.dry_run:
             print(describe(cfg))

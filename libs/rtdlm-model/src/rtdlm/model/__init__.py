@@ -10,6 +10,7 @@ from rtdlm.model.accounting import (
 from rtdlm.model.config import PRESETS, ModelConfig, preset
 from rtdlm.model.generate import Generation, generate, sample
 from rtdlm.model.moe import MoEStats
+from rtdlm.model.partitioning import axis_rules, constrain, params_axes
 from rtdlm.model.transformer import (
     KVCache,
     build,
@@ -30,9 +31,11 @@ __all__ = [
     "MemoryEstimate",
     "ModelConfig",
     "MoEStats",
+    "axis_rules",
     "build",
     "build_decoder",
     "build_with_stats",
+    "constrain",
     "count_params",
     "decode",
     "flops_per_token",
@@ -42,6 +45,7 @@ __all__ = [
     "memory_estimate",
     "non_embedding_params",
     "param_count",
+    "params_axes",
     "preset",
     "sample",
     "stack_layers",

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from rtdlm.model.config import ModelConfig
+from rtdlm.model.partitioning import constrain
 
 
 class MoEStats(NamedTuple):
@@ -75,6 +76,7 @@ def moe_mlp(x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, MoEStats]:
     # Gather each expert's tokens into its [capacity, d] buffer; dropped ones fall off the end.
     buffers = jnp.zeros((cfg.num_experts, cap, d), x.dtype)
     buffers = buffers.at[experts, slot].set(tokens[token_index], mode="drop")
+    buffers = constrain(buffers, "act_expert", None, "act_embed")  # each expert's tokens go to it
 
     init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
     shape_in, shape_out = (cfg.num_experts, d, cfg.ffn_dim), (cfg.num_experts, cfg.ffn_dim, d)
@@ -83,7 +85,8 @@ def moe_mlp(x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, MoEStats]:
     w_down = hk.get_parameter("w_down", shape_out, init=init)
     hidden = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffers, w_gate))
     hidden = hidden * jnp.einsum("ecd,edf->ecf", buffers, w_up)
-    outputs = jnp.einsum("ecf,efd->ecd", hidden, w_down)
+    hidden = constrain(hidden, "act_expert", None, "act_mlp")
+    outputs = constrain(jnp.einsum("ecf,efd->ecd", hidden, w_down), "act_expert", None, "act_embed")
 
     # Scatter back: each kept assignment adds its expert's output, weighted by the router.
     gathered = outputs.at[experts, slot].get(mode="fill", fill_value=0)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from rtdlm.model.config import ModelConfig
 from rtdlm.model.moe import MoEStats, moe_mlp
+from rtdlm.model.partitioning import constrain
 
 REMAT = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
 
@@ -64,6 +65,7 @@ def causal_self_attention(
     q = apply_rotary(q.reshape(batch, time, cfg.num_heads, cfg.head_dim), positions, cfg.rope_base)
     k = apply_rotary(k.reshape(batch, time, cfg.num_kv_heads, -1), positions, cfg.rope_base)
     v = v.reshape(batch, time, cfg.num_kv_heads, cfg.head_dim)
+    q, k, v = (constrain(a, "batch", "length", "act_heads", None) for a in (q, k, v))
     if (
         cache is not None
     ):  # decoding: append to the cache, attend over all of it (mask says how far)
@@ -86,7 +88,8 @@ def causal_self_attention(
 def swiglu_mlp(x: jax.Array, cfg: ModelConfig) -> jax.Array:
     gate = hk.Linear(cfg.ffn_dim, with_bias=False, name="gate")(x)
     up = hk.Linear(cfg.ffn_dim, with_bias=False, name="up")(x)
-    return hk.Linear(cfg.d_model, with_bias=False, name="down")(jax.nn.silu(gate) * up)
+    hidden = constrain(jax.nn.silu(gate) * up, "batch", "length", "act_mlp")
+    return hk.Linear(cfg.d_model, with_bias=False, name="down")(hidden)
 
 
 def block(
@@ -99,12 +102,12 @@ def block(
 ) -> tuple[jax.Array, LayerCache | None, MoEStats]:
     attn = hk.to_module(causal_self_attention)(name="attn")
     y, cache = attn(rms_norm(x, cfg, "attn_norm"), positions, mask, cfg, cache)
-    x = x + y
+    x = constrain(x + y, "batch", "length", "act_embed")
     if use_moe:
         y, stats = hk.to_module(moe_mlp)(name="moe")(rms_norm(x, cfg, "mlp_norm"), cfg)
-        return x + y, cache, stats
+        return constrain(x + y, "batch", "length", "act_embed"), cache, stats
     y = hk.to_module(swiglu_mlp)(name="mlp")(rms_norm(x, cfg, "mlp_norm"), cfg)
-    return x + y, cache, MoEStats.zeros()
+    return constrain(x + y, "batch", "length", "act_embed"), cache, MoEStats.zeros()
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -227,7 +230,7 @@ def transformer(
         embed = hk.Embed(
             cfg.vocab_size, cfg.d_model, w_init=hk.initializers.TruncatedNormal(0.02), name="embed"
         )
-        x = embed(tokens)
+        x = constrain(embed(tokens), "batch", "length", "act_embed")
         if cfg.scan_layers:
             x, kv, stats = scanned_blocks(x, positions, mask, cfg, cache)
         else:  # every block traced on its own, as modules block_0 ... block_{L-1}
@@ -241,7 +244,8 @@ def transformer(
     if cache is not None:
         assert kv is not None
         cache = KVCache(*kv, cache.length + tokens.shape[1])
-    return logits.astype(jnp.float32), cache, stats
+    logits = constrain(logits.astype(jnp.float32), "batch", "length", "act_vocab")
+    return logits, cache, stats
 
 
 def forward_with_stats(

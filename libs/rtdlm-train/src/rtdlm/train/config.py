@@ -110,6 +110,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """Devices as a named grid; -1 takes the devices the others leave (at most one axis)."""
+
+    data: int = -1  # batch split, parameters replicated
+    fsdp: int = 1  # batch split, parameters and optimizer state sharded, gathered per layer
+    tensor: int = 1  # attention heads, MLP width and vocabulary split
+    expert: int = 1  # mixture-of-experts experts split (and the batch, outside them)
+
+    def __post_init__(self) -> None:
+        sizes = {name: getattr(self, name) for name in ("data", "fsdp", "tensor", "expert")}
+        if any(size == 0 or size < -1 for size in sizes.values()):
+            raise ConfigError(f"mesh sizes must be positive or -1 (the rest), got {sizes}")
+        if list(sizes.values()).count(-1) > 1:
+            raise ConfigError(f"at most one mesh axis may be -1 (the rest), got {sizes}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     preset: str = "tiny"
     model: ModelConfig = field(default_factory=lambda: preset("tiny"))
@@ -117,6 +134,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 def _positive(cfg: object, section: str, *names: str) -> None:
@@ -295,6 +313,7 @@ RESUMABLE_CHANGES = (
     "train.profile_steps",
     "data.prefetch",
     "metrics.",
+    "mesh.",  # checkpoints reshard onto whatever mesh resumes them
 )
 
 

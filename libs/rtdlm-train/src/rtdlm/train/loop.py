@@ -8,6 +8,7 @@ so micro-batches and held-out batches with different numbers of targets weigh wh
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -16,10 +17,13 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rtdlm.model import axis_rules, constrain
 from rtdlm.train.config import OptimizerConfig, RunConfig
 from rtdlm.train.data import Splits
 from rtdlm.train.pipeline import evaluation_rows
+from rtdlm.train.sharding import batch_sharding, state_shardings, to_sharding
 
 
 class Batch(NamedTuple):
@@ -100,8 +104,11 @@ def cross_entropy_sum(
 
 
 def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
-    """[batch, T] -> [micro_batches, batch / micro_batches, T] for the accumulation scan."""
-    return Batch(*(x.reshape(micro_batches, -1, *x.shape[1:]) for x in batch))
+    """[batch, T] -> [micro_batches, batch / micro_batches, T] for the accumulation scan.
+
+    Micro-batch m takes rows m, m + M, m + 2M, ...: with the batch split over devices, every
+    device then holds an equal part of every micro-batch (the sum over them is the same)."""
+    return Batch(*(x.reshape(-1, micro_batches, *x.shape[1:]).swapaxes(0, 1) for x in batch))
 
 
 def make_loss_and_grads(
@@ -127,6 +134,7 @@ def make_loss_and_grads(
 
         def accumulate(carry: Any, one: Batch) -> tuple[Any, None]:
             loss_sum, grad_sum = carry
+            one = Batch(*(constrain(x, "batch", None) for x in one))
             loss, grads = grad_fn(params, one, total)
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
@@ -149,9 +157,13 @@ def init_state(
 
 
 def make_train_step(
-    model: hk.Transformed, optimizer: optax.GradientTransformation, cfg: RunConfig
+    model: hk.Transformed,
+    optimizer: optax.GradientTransformation,
+    cfg: RunConfig,
+    mesh: Mesh | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, StepMetrics]]:
-    """One optimizer step, jit-compiled with the state donated.
+    """One optimizer step, jit-compiled with the state donated; on `mesh`, with the state and
+    batch laid out by rtdlm.train.sharding's rules (metrics come back replicated).
 
     A non-finite loss or gradient leaves params and optimizer state untouched (the step still
     counts) and increments nonfinite_in_row; a finite step resets it. The metrics stay on the
@@ -177,17 +189,36 @@ def make_train_step(
         metrics = StepMetrics(loss, grad_norm, schedule(state.step), finite, nonfinite_in_row)
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    shapes = jax.eval_shape(lambda: init_state(model, optimizer, cfg))
+    state_sharding = state_shardings(mesh, optimizer, shapes)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def on_mesh(state: TrainState, batch: Batch) -> tuple[TrainState, StepMetrics]:
+        with axis_rules(to_sharding(mesh)):  # tracing happens here: activations get placed
+            return train_step(state, batch)
+
+    return jax.jit(
+        on_mesh,
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
 
 
-def make_evaluate(model: hk.Transformed, held_out: list[Batch]) -> Callable[[hk.Params], float]:
+def make_evaluate(
+    model: hk.Transformed, held_out: list[Batch], mesh: Mesh | None = None
+) -> Callable[[hk.Params], float]:
     """params -> held-out loss over a fixed set of batches: every counted target of every
-    batch weighs the same (summed, then divided once)."""
+    batch weighs the same (summed, then divided once). On `mesh`, batches and parameters stay
+    where they are (the caller places them) and activations follow the rules."""
 
     @jax.jit
     def sums(params: hk.Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        logits, _ = model.apply(params, None, batch.tokens[:, :-1], batch.segment_ids[:, :-1])
-        return cross_entropy_sum(logits, batch)
+        with axis_rules(to_sharding(mesh)) if mesh is not None else contextlib.nullcontext():
+            logits, _ = model.apply(params, None, batch.tokens[:, :-1], batch.segment_ids[:, :-1])
+            return cross_entropy_sum(logits, batch)
 
     def evaluate(params: hk.Params) -> float:
         parts = jax.device_get([sums(params, batch) for batch in held_out])  # one wait

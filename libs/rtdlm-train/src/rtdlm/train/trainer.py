@@ -11,6 +11,7 @@ held-out loss is computed before the checkpoint so the best one can be kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from rtdlm import ckpt
 from rtdlm.model import build_with_stats, flops_per_token, memory_estimate, param_count
@@ -48,6 +50,7 @@ from rtdlm.train.loop import (
 )
 from rtdlm.train.pipeline import Prefetch, packed_batches
 from rtdlm.train.rundir import RunDirError, RunDirLock
+from rtdlm.train.sharding import batch_sharding, make_mesh, state_shardings
 from rtdlm.train.shards import DataError
 
 log = logging.getLogger(__name__)
@@ -130,14 +133,18 @@ class Trainer:
         """
         held_out = evaluation_batches(self.data, self.cfg)  # too little data: DataError now
         next(packed_batches(self.data.train, self.cfg.data.batch_size, self.cfg.model.seq_len, 0))
-        with RunDirLock(self.run_dir):
+        mesh = make_mesh(self.cfg)  # a mesh that does not fit: ConfigError now
+        # One writer per run dir: process 0 writes everything but checkpoints (orbax has every
+        # process write its own shards of those)
+        writer = jax.process_index() == 0
+        with RunDirLock(self.run_dir) if writer else contextlib.nullcontext():
             cfg, fresh = self._settle_config()
             if self.compile_cache:  # before anything compiles: restarts reuse compiled steps
                 jax.config.update("jax_compilation_cache_dir", str(self.run_dir / "xla-cache"))
                 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
             retention = ckpt.Retention(keep_last=cfg.train.keep_checkpoints, keep_best=1)
             with ckpt.CheckpointManager(self.run_dir / "checkpoints", retention) as manager:
-                return _Run(cfg, self, manager, held_out).run(fresh, should_stop)
+                return _Run(cfg, self, manager, mesh, held_out).run(fresh, should_stop)
 
     def _settle_config(self) -> tuple[RunConfig, bool]:
         """The config to run with, saved as config.yaml; and whether this is a fresh start."""
@@ -157,8 +164,10 @@ class Trainer:
             cfg = for_resume(saved, self.cfg, str(self.run_dir))
         else:
             cfg = for_first_start(self.cfg)
-        saved_file.write_text(to_yaml(cfg))
-        log.info("config (%s):\n%s", saved_file, to_yaml(cfg).rstrip())
+        if jax.process_index() == 0:  # atomically: the other processes may be reading it
+            saved_file.with_suffix(".yaml.tmp").write_text(to_yaml(cfg))
+            saved_file.with_suffix(".yaml.tmp").replace(saved_file)
+            log.info("config (%s):\n%s", saved_file, to_yaml(cfg).rstrip())
         return cfg, not has_checkpoints
 
 
@@ -178,42 +187,67 @@ def describe(cfg: RunConfig) -> str:
     )
 
 
-def abstract_state(cfg: RunConfig) -> TrainState:
-    """Shapes, dtypes and placement of a TrainState, to restore into: nothing is computed."""
+def abstract_state(cfg: RunConfig, mesh: Mesh) -> TrainState:
+    """Shapes, dtypes and placement on `mesh` of a TrainState: a restore target, nothing
+    computed. Restoring into it reshards a checkpoint saved on any other mesh."""
     model, optimizer = build_with_stats(cfg.model), make_optimizer(cfg.optimizer)
     shapes = jax.eval_shape(lambda: init_state(model, optimizer, cfg))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+    shardings = state_shardings(mesh, optimizer, shapes)
+    return jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        shapes,
+        shardings,
+    )
 
 
 def restore_state(
-    manager: ckpt.CheckpointManager, cfg: RunConfig
+    manager: ckpt.CheckpointManager, cfg: RunConfig, mesh: Mesh
 ) -> tuple[TrainState, dict[str, Any]]:
-    """The newest intact checkpoint as a TrainState, and the data position saved with it."""
-    target = abstract_state(cfg)
+    """The newest intact checkpoint as a TrainState on `mesh`, and its data position."""
+    target = abstract_state(cfg, mesh)
     restored = manager.restore_latest(params=target.params, opt_state=target.opt_state)
-    # Restored arrays are committed to a device, fresh ones are not: without this the train
-    # step would compile twice more (for the restored state, then for its own outputs).
-    params, opt_state = jax.tree.map(
-        lambda x: jnp.asarray(np.asarray(x)), (restored.params, restored.opt_state)
+    replicated = target.step.sharding
+    step = jax.device_put(jnp.asarray(restored.step, jnp.int32), replicated)
+    nonfinite_in_row = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    return TrainState(step, restored.params, restored.opt_state, nonfinite_in_row), (
+        restored.data_state
     )
-    step, nonfinite_in_row = jnp.asarray(restored.step, jnp.int32), jnp.zeros((), jnp.int32)
-    return TrainState(step, params, opt_state, nonfinite_in_row), restored.data_state
+
+
+def global_batch(mesh: Mesh, tokens: np.ndarray, segments: np.ndarray) -> Batch:
+    """This process's rows of a batch as one array over the whole mesh (no copy elsewhere)."""
+    sharding = batch_sharding(mesh)
+    return Batch(
+        jax.make_array_from_process_local_data(sharding, tokens),
+        jax.make_array_from_process_local_data(sharding, segments),
+    )
 
 
 class _Run:
     """One call of Trainer.run: the loop's moving parts, alive only while it runs."""
 
     def __init__(
-        self, cfg: RunConfig, trainer: Trainer, manager: ckpt.CheckpointManager, held_out: list
+        self,
+        cfg: RunConfig,
+        trainer: Trainer,
+        manager: ckpt.CheckpointManager,
+        mesh: Mesh,
+        held_out: list[Batch],
     ) -> None:
-        self.cfg, self.data, self.manager = cfg, trainer.data, manager
+        self.cfg, self.data, self.manager, self.mesh = cfg, trainer.data, manager, mesh
+        writer = jax.process_index() == 0
         self.run_dir = trainer.run_dir
-        self.steps_file = StepsFile(self.run_dir / "steps.jsonl")
-        self.callbacks = [self.steps_file, *trainer.callbacks]
-        model = build_with_stats(cfg.model)
-        self.train_step = make_train_step(model, make_optimizer(cfg.optimizer), cfg)
-        self.evaluate = make_evaluate(model, held_out)
+        self.steps_file = StepsFile(self.run_dir / "steps.jsonl") if writer else None
+        self.callbacks = [*([self.steps_file] if self.steps_file else []), *trainer.callbacks]
+        model, optimizer = build_with_stats(cfg.model), make_optimizer(cfg.optimizer)
+        self.train_step = make_train_step(model, optimizer, cfg, mesh)
+        local = [self._local_rows(batch) for batch in held_out]
+        self.evaluate = make_evaluate(model, [global_batch(mesh, *b) for b in local], mesh)
+        shapes = jax.eval_shape(lambda: init_state(model, optimizer, cfg))
+        self.init = jax.jit(
+            lambda: init_state(model, optimizer, cfg),
+            out_shardings=state_shardings(mesh, optimizer, shapes),
+        )
         self.flops_per_token = flops_per_token(cfg.model)
         self.evals: list[EvalLog] = []
         self.saving: dict[int, float] = {}  # saves started and not yet reported: blocking time
@@ -229,11 +263,11 @@ class _Run:
 
     def run(self, fresh: bool, should_stop: Callable[[], bool]) -> RunResult:
         cfg, started = self.cfg, time.perf_counter()
+        writer = jax.process_index() == 0
         if fresh:
-            state = init_state(build_with_stats(cfg.model), make_optimizer(cfg.optimizer), cfg)
-            position: dict[str, Any] | None = None
+            state, position = self.init(), None
         else:
-            state, position = restore_state(self.manager, cfg)
+            state, position = restore_state(self.manager, cfg, self.mesh)
             log.info("resumed from step %d in %s", int(state.step), self.manager.directory)
         self.start_step = step = int(state.step)
         status: Status = "completed"
@@ -251,7 +285,7 @@ class _Run:
                         self._finish(pending)
                         pending, status = None, "stopped"
                         break
-                    if cfg.train.profile_steps and step == self.start_step + 2:
+                    if cfg.train.profile_steps and step == self.start_step + 2 and writer:
                         self._finish(pending)
                         pending = None
                         jax.profiler.start_trace(str(self.run_dir / "profile"))
@@ -270,7 +304,7 @@ class _Run:
                     data_wait = time.perf_counter() - begin
                     state, metrics = self.train_step(state, batch)
                     step += 1
-                    rows, width = batch.tokens.shape
+                    rows, width = batch.tokens.shape  # global
                     previous = pending
                     pending = _Pending(step, metrics, rows * (width - 1), data_wait)
                     self._finish(previous)  # the step before, read while this one runs
@@ -302,7 +336,8 @@ class _Run:
         finally:
             stream.close()
             self._stop_profile()
-            self.steps_file.close()
+            if self.steps_file is not None:
+                self.steps_file.close()
         result = RunResult(
             status=status,
             config=cfg,
@@ -321,13 +356,27 @@ class _Run:
         return result
 
     def _batches(self, position: dict[str, Any] | None) -> Prefetch:
-        """Batches on the device, packed and placed ahead on a background thread."""
+        """Global batches on the mesh, packed and placed ahead on a background thread; each
+        process packs only its own rows of every batch."""
         cfg = self.cfg
         rows = packed_batches(
-            self.data.train, cfg.data.batch_size, cfg.model.seq_len, cfg.data.shuffle_seed, position
+            self.data.train,
+            cfg.data.batch_size,
+            cfg.model.seq_len,
+            cfg.data.shuffle_seed,
+            position,
+            jax.process_index(),
+            jax.process_count(),
         )
-        placed = ((Batch(*jax.device_put((t, s))), p) for t, s, p in rows)
+        placed = ((global_batch(self.mesh, t, s), p) for t, s, p in rows)
         return Prefetch(placed, cfg.data.prefetch)
+
+    @staticmethod
+    def _local_rows(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """This process's slice of a whole batch every process holds (the held-out set)."""
+        count, index = jax.process_count(), jax.process_index()
+        rows = len(batch.tokens) // count
+        return tuple(np.asarray(x)[index * rows : (index + 1) * rows] for x in batch)  # type: ignore[return-value]
 
     def _due(self, step: int) -> bool:
         """Steps whose state is needed: evaluation, checkpoint, the last, a profile's end."""
@@ -384,7 +433,7 @@ class _Run:
     ) -> tuple[TrainState, int, Prefetch]:
         """The last checkpoint's state, with the data stream past the batches that went bad."""
         self.manager.wait()
-        state, _ = restore_state(self.manager, self.cfg)
+        state, _ = restore_state(self.manager, self.cfg, self.mesh)
         self.rollbacks += 1
         log.warning(
             "%s: rolled back to step %d (rollback %d of %d), skipping those batches",

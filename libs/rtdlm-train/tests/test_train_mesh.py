@@ -1,0 +1,120 @@
+"""The same Trainer on 8 virtual CPU devices under different meshes: the same losses, the
+parameters laid out as the rules say, and checkpoints that move between meshes.
+
+Real XLA SPMD partitioning and collectives between the virtual devices; each run is its own
+process because the device count is fixed when JAX starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import mesh_worker
+import pytest
+
+pytestmark = pytest.mark.slow
+RTOL = 2e-5  # float32 sums in another order, over a few Adam steps
+
+
+def train(run_dir: Path, *sets: str, devices: int = 8) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    done = subprocess.run(
+        [sys.executable, mesh_worker.__file__, str(run_dir), *sets],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == "completed" and result["devices"] == devices
+    return result
+
+
+def losses(result: dict[str, Any]) -> list[float]:
+    return [result["losses"][str(step)] for step in sorted(map(int, result["losses"]))]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return train(tmp_path_factory.mktemp("single"), "train.max_steps=4", devices=1)
+
+
+@pytest.mark.parametrize(
+    ("mesh", "query_shard", "gate_shard", "embed_shard"),
+    [
+        (["mesh.data=8"], [32, 32], [32, 64], [256, 32]),
+        (["mesh.fsdp=8", "mesh.data=1"], [4, 32], [4, 64], [256, 4]),
+        (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], [16, 16], [16, 32], [128, 16]),
+    ],
+    ids=["data=8", "fsdp=8", "data=2,fsdp=2,tensor=2"],
+)
+def test_every_mesh_trains_the_same_losses_with_the_rules_layout(
+    tmp_path: Path,
+    single: dict[str, Any],
+    mesh: list[str],
+    query_shard: list[int],
+    gate_shard: list[int],
+    embed_shard: list[int],
+) -> None:
+    result = train(tmp_path, "train.max_steps=4", *mesh)
+    assert losses(result) == pytest.approx(losses(single), rel=RTOL)
+    assert result["evals"]["4"] == pytest.approx(single["evals"]["4"], rel=RTOL)
+    assert result["shards"]["block_0/attn/query/w"] == query_shard  # [embed, heads]
+    assert result["shards"]["block_1/mlp/gate/w"] == gate_shard  # [embed, mlp]
+    assert result["shards"]["embed/embeddings"] == embed_shard  # [vocab, embed]
+    assert result["shards"]["block_0/attn_norm/scale"] == [32]  # replicated
+
+
+def test_experts_split_over_the_expert_axis_train_the_same_losses(tmp_path: Path) -> None:
+    moe = ["model.moe_every=2", "model.num_experts=4", "train.max_steps=4"]
+    alone = train(tmp_path / "one", *moe, devices=1)
+    split = train(tmp_path / "split", *moe, "mesh.data=4", "mesh.expert=2")
+    assert losses(split) == pytest.approx(losses(alone), rel=RTOL)
+    assert split["shards"]["block_1/moe/w_gate"] == [2, 32, 64]  # [expert, embed, mlp]
+    assert split["shards"]["block_1/moe/router/w"] == [32, 4]
+
+
+def test_a_run_saved_as_fsdp_8_resumes_on_4_devices_as_data_2_fsdp_2(tmp_path: Path) -> None:
+    straight = train(tmp_path / "straight", "train.max_steps=8", "mesh.fsdp=8", "mesh.data=1")
+    run = ["optimizer.decay_steps=8", "train.checkpoint_every=4"]
+    train(tmp_path / "run", *run, "train.max_steps=4", "mesh.fsdp=8", "mesh.data=1")
+    resumed = train(
+        tmp_path / "run", *run, "train.max_steps=8", "mesh.data=2", "mesh.fsdp=2", devices=4
+    )
+    assert sorted(map(int, resumed["losses"])) == [5, 6, 7, 8]
+    assert losses(resumed) == pytest.approx(losses(straight)[4:], rel=RTOL)
+    assert resumed["shards"]["block_0/attn/query/w"] == [16, 32]
+
+
+def test_a_mesh_that_does_not_fit_is_one_line() -> None:
+    from types import SimpleNamespace
+
+    from rtdlm.train import ConfigError, resolve
+    from rtdlm.train.config import MeshConfig
+    from rtdlm.train.sharding import check_divisible, make_mesh, mesh_shape
+
+    assert mesh_shape(MeshConfig(fsdp=2, tensor=2), 8) == dict(data=2, fsdp=2, tensor=2, expert=1)
+    with pytest.raises(ConfigError, match=r"mesh data=3, fsdp=1, tensor=1, expert=1 does not fit"):
+        mesh_shape(MeshConfig(data=3), 8)
+    with pytest.raises(ConfigError, match=r"mesh data=-1, fsdp=3, .* does not fit the 8 device"):
+        mesh_shape(MeshConfig(fsdp=3), 8)
+    with pytest.raises(ConfigError, match="at most one mesh axis may be -1"):
+        resolve("tiny", sets=["mesh.fsdp=-1"])
+    cfg = resolve("tiny", sets=["data.batch_size=4"], vocab_size=256)
+    with pytest.raises(ConfigError, match=r"a micro-batch of 4 sequences .* 8 batch shards"):
+        make_mesh(cfg, devices=[object()] * 8)
+    fake = SimpleNamespace(shape=dict(data=1, fsdp=3, tensor=1, expert=1))
+    embed = r"parameter \S+ has a embed dimension of 256, which does not split over mesh fsdp"
+    with pytest.raises(ConfigError, match=embed):
+        check_divisible(cfg, fake)  # type: ignore[arg-type]

@@ -3,17 +3,30 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python mesh_worker.py RUN_DIR KEY=VALUE...
 
 prints one JSON line: the job's device count, each step's loss, the held-out losses, the run's
-status, and every parameter's per-device shard shape.
+status, and every parameter's per-device shard shape. With RUN_DIR `memory` it compiles the
+train step instead and prints the planner's per-device bytes beside memory_analysis()'s.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from rtdlm.train import Callback, EvalLog, StepLog, Trainer, resolve, split_documents
+from rtdlm.train import (
+    Batch,
+    Callback,
+    EvalLog,
+    RunConfig,
+    StepLog,
+    Trainer,
+    resolve,
+    split_documents,
+)
+from rtdlm.train.config import for_first_start
 from rtdlm.train.data import stdlib_documents
 
 SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2"]
@@ -33,8 +46,34 @@ class Record(Callback):
         self.evals[log.step] = log.loss
 
 
+def memory(cfg: RunConfig) -> dict[str, float]:
+    from rtdlm.model import build_with_stats
+    from rtdlm.train.loop import make_optimizer, make_train_step
+    from rtdlm.train.sharding import batch_sharding, device_memory, make_mesh, mesh_shape
+    from rtdlm.train.trainer import abstract_state
+
+    mesh = make_mesh(cfg)
+    model, optimizer = build_with_stats(cfg.model), make_optimizer(cfg.optimizer)
+    step: Any = make_train_step(model, optimizer, cfg, mesh)  # jitted: has .lower
+    rows = (cfg.data.batch_size, cfg.model.seq_len + 1)
+    batch = Batch(*[jax.ShapeDtypeStruct(rows, jnp.int32, sharding=batch_sharding(mesh))] * 2)
+    compiled = step.lower(abstract_state(cfg, mesh), batch).compile().memory_analysis()
+    planned = device_memory(cfg, mesh_shape(cfg.mesh, jax.device_count()))
+    return {
+        "planned_state": planned.params + planned.optimizer,
+        "planned_total": planned.total,
+        "compiled_arguments": compiled.argument_size_in_bytes,
+        "compiled_total": compiled.argument_size_in_bytes + compiled.temp_size_in_bytes,
+    }
+
+
 def main() -> None:
     run_dir, *sets = sys.argv[1:]
+    if run_dir == "memory":
+        model, *sets = sets
+        cfg = for_first_start(resolve(model, sets=[*sets, "metrics.enabled=false"], vocab_size=256))
+        print(json.dumps(memory(cfg)))
+        return
     cfg = resolve("tiny", sets=[*SMALL, *sets], vocab_size=256)
     record = Record()
     data = split_documents(stdlib_documents())

@@ -8,6 +8,7 @@ them, are mesh shapes over this one table: the model code never changes.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rtdlm.model import build_with_stats, params_axes
+from rtdlm.model import build_with_stats, memory_estimate, params_axes
 from rtdlm.train.config import ConfigError, MeshConfig, RunConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -60,7 +61,15 @@ def mesh_shape(cfg: MeshConfig, devices: int) -> dict[str, int]:
 def make_mesh(cfg: RunConfig, devices: list[jax.Device] | None = None) -> Mesh:
     """The job's mesh (every device of every process), checked against the model and batch."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(cfg.mesh, len(devices))
+    shape = checked_shape(cfg, len(devices))
+    grid = np.asarray(devices).reshape(tuple(shape.values()))
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def checked_shape(cfg: RunConfig, devices: int) -> dict[str, int]:
+    """The mesh shape for `devices`, once the batch and every parameter split evenly over it:
+    one ConfigError line naming the first thing that does not, instead of an XLA error."""
+    shape = mesh_shape(cfg.mesh, devices)
     batch_shards = math.prod(shape[axis] for axis in BATCH)
     rows = cfg.data.batch_size // cfg.data.micro_batches
     if rows % batch_shards:
@@ -69,10 +78,8 @@ def make_mesh(cfg: RunConfig, devices: list[jax.Device] | None = None) -> Mesh:
             f"split over the {batch_shards} batch shards of mesh data*fsdp*expert: use a "
             f"multiple of {batch_shards}"
         )
-    grid = np.asarray(devices).reshape(tuple(shape.values()))
-    mesh = Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    check_divisible(cfg, mesh)
-    return mesh
+    check_divisible(cfg, shape)
+    return shape
 
 
 def spec(axes: tuple[str | None, ...]) -> PartitionSpec:
@@ -117,19 +124,63 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH, None))
 
 
-def check_divisible(cfg: RunConfig, mesh: Mesh) -> None:
-    """Every sharded parameter dimension must split evenly: one line naming the first that
-    does not, instead of an XLA error at compile time."""
-    shapes = jax.eval_shape(
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Bytes one device holds to train `cfg` on a mesh: what --dry-run prints."""
+
+    params: int  # this device's shards of the float32 parameters
+    optimizer: int  # AdamW's two moments, sharded like the parameters
+    gradients: int  # likewise, while the step runs
+    gathered: int  # FSDP: parameters gathered whole (all at once; per scan step if scanned)
+    activations: int  # this device's rows of a micro-batch, kept for the backward pass
+
+    @property
+    def total(self) -> int:
+        return self.params + self.optimizer + self.gradients + self.gathered + self.activations
+
+
+def device_memory(cfg: RunConfig, shape: dict[str, int]) -> DeviceMemory:
+    """Per-device memory from the config and the mesh shape alone (no devices needed), by the
+    same RULES the step is compiled with. Conservative: activations split by `tensor` are not
+    credited (tests hold it to the compiled program's memory_analysis)."""
+    shapes = _param_shapes(cfg)
+    params = gathered = 0
+    for module, leaves in params_axes(shapes).items():
+        for name, axes in leaves.items():
+            size = 4 * math.prod(shapes[module][name].shape)
+            split = [a for name_ in axes if name_ is not None for a in RULES[name_]]
+            params += size // math.prod(shape[a] for a in split)
+            whole = size // math.prod(shape[a] for a in split if a != "fsdp")
+            # scanned layers are gathered one scan step at a time
+            gathered += whole // shapes[module][name].shape[0] if axes[0] == "layers" else whole
+    batch_shards = math.prod(shape[axis] for axis in BATCH)
+    rows = cfg.data.batch_size // cfg.data.micro_batches
+    activations = memory_estimate(cfg.model, rows).activations // batch_shards
+    return DeviceMemory(
+        params=params,
+        optimizer=2 * params,
+        gradients=params,
+        gathered=gathered if shape["fsdp"] > 1 else 0,
+        activations=activations,
+    )
+
+
+def _param_shapes(cfg: RunConfig) -> Any:
+    return jax.eval_shape(
         lambda: build_with_stats(cfg.model).init(
             jax.random.PRNGKey(0), jax.numpy.zeros((1, 1), jax.numpy.int32)
         )
     )
+
+
+def check_divisible(cfg: RunConfig, shape: dict[str, int]) -> None:
+    """Every sharded parameter dimension must split evenly over its mesh axes."""
+    shapes = _param_shapes(cfg)
     for module, leaves in params_axes(shapes).items():
         for name, axes in leaves.items():
             for size, logical in zip(shapes[module][name].shape, axes, strict=True):
                 parts = RULES[logical] if logical is not None else ()
-                shards = math.prod(mesh.shape[axis] for axis in parts)
+                shards = math.prod(shape[axis] for axis in parts)
                 if size % shards:
                     raise ConfigError(
                         f"parameter {module}/{name} has a {logical} dimension of {size}, which "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rtdlm import ckpt
-from rtdlm.model import build_with_stats, flops_per_token, memory_estimate, param_count
+from rtdlm.model import build_with_stats, flops_per_token, param_count
 from rtdlm.train.callbacks import Callback, CheckpointLog, EvalLog, StepLog, StepsFile
 from rtdlm.train.config import (
     RunConfig,
@@ -50,7 +51,14 @@ from rtdlm.train.loop import (
 )
 from rtdlm.train.pipeline import Prefetch, packed_batches
 from rtdlm.train.rundir import RunDirError, RunDirLock
-from rtdlm.train.sharding import batch_sharding, make_mesh, state_shardings
+from rtdlm.train.sharding import (
+    MESH_AXES,
+    batch_sharding,
+    checked_shape,
+    device_memory,
+    make_mesh,
+    state_shardings,
+)
 from rtdlm.train.shards import DataError
 
 log = logging.getLogger(__name__)
@@ -171,19 +179,25 @@ class Trainer:
         return cfg, not has_checkpoints
 
 
-def describe(cfg: RunConfig) -> str:
-    """What a run of `cfg` costs, from the config alone (the trainer's --dry-run)."""
-    micro = cfg.data.batch_size // cfg.data.micro_batches
-    memory, tokens = memory_estimate(cfg.model, micro), cfg.data.batch_size * cfg.model.seq_len
-    per_token = flops_per_token(cfg.model)
-    gib = {k: v / 2**30 for k, v in vars(memory).items()} | {"total": memory.total / 2**30}
+def describe(cfg: RunConfig, devices: int | None = None) -> str:
+    """What a run of `cfg` costs, from the config alone (the trainer's --dry-run). The mesh is
+    planned for `devices`, by default the product of the mesh sizes if none is -1, else the
+    devices this process sees; nothing is compiled or allocated."""
+    sizes = [getattr(cfg.mesh, axis) for axis in MESH_AXES]
+    devices = devices or (math.prod(sizes) if -1 not in sizes else jax.device_count())
+    shape = checked_shape(cfg, devices)
+    memory = device_memory(cfg, shape)
+    tokens, per_token = cfg.data.batch_size * cfg.model.seq_len, flops_per_token(cfg.model)
+    gib = {k: f"{v / 2**30:.2f} GiB" for k, v in vars(memory).items()}
+    mesh = " ".join(f"{axis}={size}" for axis, size in shape.items())
     return (
         f"preset {cfg.preset}: {param_count(cfg.model):,} parameters | "
         f"{per_token / 1e6:,.1f} MFLOPs per token (forward + backward) | "
         f"{per_token * tokens / 1e12:,.3f} TFLOPs per step of {tokens:,} tokens\n"
-        f"memory estimate per micro-batch of {micro}: params {gib['params']:.2f} GiB + "
-        f"gradients {gib['gradients']:.2f} GiB + optimizer {gib['optimizer_state']:.2f} GiB + "
-        f"activations {gib['activations']:.2f} GiB = {gib['total']:.2f} GiB"
+        f"mesh {mesh} on {devices} device(s); memory estimate per device: "
+        f"params {gib['params']} + optimizer {gib['optimizer']} + gradients "
+        f"{gib['gradients']} + gathered (FSDP) {gib['gathered']} + activations "
+        f"{gib['activations']} = {memory.total / 2**30:.2f} GiB"
     )
 
 

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 RTOL = 2e-5  # float32 sums in another order, over a few Adam steps
 
 
-def train(run_dir: Path, *sets: str, devices: int = 8) -> dict[str, Any]:
+def worker(*args: str, devices: int = 8) -> dict[str, Any]:
+    """mesh_worker.py on `devices` virtual CPU devices; its JSON line."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(sys.path),
@@ -29,7 +30,7 @@ def train(run_dir: Path, *sets: str, devices: int = 8) -> dict[str, Any]:
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
     }
     done = subprocess.run(
-        [sys.executable, mesh_worker.__file__, str(run_dir), *sets],
+        [sys.executable, mesh_worker.__file__, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -37,6 +38,11 @@ def train(run_dir: Path, *sets: str, devices: int = 8) -> dict[str, Any]:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def train(run_dir: Path, *sets: str, devices: int = 8) -> dict[str, Any]:
+    result = worker(str(run_dir), *sets, devices=devices)
     assert result["status"] == "completed" and result["devices"] == devices
     return result
 
@@ -118,25 +124,6 @@ def test_a_mesh_that_does_not_fit_is_one_line() -> None:
         check_divisible(cfg, fsdp_3)
 
 
-def memory(*sets: str) -> dict[str, Any]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(sys.path),
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    }
-    done = subprocess.run(
-        [sys.executable, mesh_worker.__file__, "memory", *sets],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
-
-
 @pytest.mark.parametrize(
     ("mesh", "low", "high"),
     [
@@ -152,6 +139,6 @@ def test_the_dry_run_planner_agrees_with_the_compiled_step(
 ) -> None:
     """Parameters and optimizer state exactly (within 1%, the batch and counters aside); the
     whole per-device footprint (arguments + XLA temporaries) within the stated margin."""
-    result = memory("tiny", "data.batch_size=8", *mesh)
+    result = worker("memory", "tiny", "data.batch_size=8", *mesh)
     assert result["planned_state"] == pytest.approx(result["compiled_arguments"], rel=0.01)
     assert low <= result["planned_total"] / result["compiled_total"] <= high

@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_seconds=args.heartbeat_timeout,
         )
         distributed.initialize(cluster)  # before anything else touches JAX
-        if jax.process_count() > 1:  # say which process speaks
-            prefix = f"[process {jax.process_index()}/{jax.process_count()}] %(message)s"
-            run_log.handlers[0].setFormatter(logging.Formatter(prefix))
+        who = f"[process {jax.process_index()}/{jax.process_count()}] "
+        who = who if jax.process_count() > 1 else ""  # say which process speaks
+        run_log.handlers[0].setFormatter(logging.Formatter(who + "%(message)s"))
         cfg = resolve_config(args)
         if args.dry_run:
             print(describe(cfg))
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{data.train.num_tokens:,} train / {data.validation.num_tokens:,} held-out tokens | "
         f"MFU against {peak.source}" + (f" | metrics: {server.url}" if server else "")
     )
-    progress = Progress(sys.stdout, cfg.train.max_steps, peak.flops_per_second)
+    progress = Progress(sys.stdout, cfg.train.max_steps, peak.flops_per_second, who)
     trainer = Trainer(cfg, data, run_dir, [progress, Prometheus(metrics)], resume=args.resume)
     signals = Signals()
     try:

@@ -113,8 +113,11 @@ class Progress(Callback):
     """A tqdm bar on a terminal; on anything else (logs, pipes) a plain line every few steps.
     Held-out losses are printed as lines in both cases."""
 
-    def __init__(self, file: IO[str], max_steps: int, peak_flops: float | None = None) -> None:
+    def __init__(
+        self, file: IO[str], max_steps: int, peak_flops: float | None = None, prefix: str = ""
+    ) -> None:
         self.file, self.max_steps, self.peak_flops = file, max_steps, peak_flops
+        self.prefix = prefix  # e.g. "[process 1/2] " in a multi-host job
         self.tty = file.isatty()
         self.every = 1 if max_steps <= 500 else max_steps // 250
         self._bar: tqdm[Any] | None = None
@@ -133,7 +136,11 @@ class Progress(Callback):
         if self.tty:
             if self._bar is None:
                 self._bar = tqdm(
-                    total=self.max_steps, initial=log.step - 1, file=self.file, unit="step"
+                    total=self.max_steps,
+                    initial=log.step - 1,
+                    file=self.file,
+                    unit="step",
+                    desc=self.prefix.strip() or None,
                 )
             self._bar.set_postfix_str(self._numbers(log), refresh=False)
             self._bar.update(log.step - self._bar.n)
@@ -154,6 +161,7 @@ class Progress(Callback):
 
     def write(self, line: str) -> None:
         """A line that does not break the bar."""
+        line = self.prefix + line
         if self._bar is not None:
             self._bar.write(line, file=self.file)
         else:

@@ -390,7 +390,8 @@ class _Run:
         """This process's slice of a whole batch every process holds (the held-out set)."""
         count, index = jax.process_count(), jax.process_index()
         rows = len(batch.tokens) // count
-        return tuple(np.asarray(x)[index * rows : (index + 1) * rows] for x in batch)  # type: ignore[return-value]
+        mine = slice(index * rows, (index + 1) * rows)
+        return np.asarray(batch.tokens)[mine], np.asarray(batch.segment_ids)[mine]
 
     def _due(self, step: int) -> bool:
         """Steps whose state is needed: evaluation, checkpoint, the last, a profile's end."""

@@ -4,12 +4,12 @@ Exits non-zero when no test ran, so an empty run never looks green.
 """
 
 import sys
-import xml.etree.ElementTree as ET
+import xml.etree.ElementTree as ET  # nosec B405 # our own JUnit reports, not untrusted input
 from pathlib import Path
 
 totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
 for report in sorted(Path(sys.argv[1]).glob("*.xml")):
-    for suite in ET.parse(report).getroot().iter("testsuite"):
+    for suite in ET.parse(report).getroot().iter("testsuite"):  # nosec B314 # as above
         for key in totals:
             totals[key] += int(suite.get(key, 0))
 failed = totals["failures"] + totals["errors"]

@@ -24,7 +24,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host  # nosec B104 # a URL
         return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
@@ -34,7 +34,9 @@ class MetricsServer:
 
 
 def start_server(
-    registry: CollectorRegistry, host: str = "0.0.0.0", port: int = 8000
+    registry: CollectorRegistry,
+    host: str = "0.0.0.0",  # nosec B104 # scraped from other hosts; --metrics-host narrows it
+    port: int = 8000,
 ) -> MetricsServer:
     """Serves `registry` at http://host:port/metrics from a daemon thread (port 0: any free)."""
     if not 0 <= port <= 65535:

@@ -99,7 +99,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
-    host: str = "0.0.0.0"
+    host: str = "0.0.0.0"  # nosec B104 # scraped from other pods; --metrics-host narrows it
     port: int = 8000  # 0: any free port
     peak_flops: float | None = None  # None: the accelerator table, else a measured matmul
 

@@ -207,7 +207,7 @@ class ShardWriter:
             self._flush()
 
     def _flush(self) -> None:
-        assert self._file is not None
+        assert self._file is not None  # nosec B101 # narrows a type; only called while open
         files, num_tokens = self._files(), self._offsets[-1]
         header = _npy_header(self.dtype, num_tokens)
         if len(header) != len(_npy_header(self.dtype, 0)):  # cannot happen for 1-D arrays

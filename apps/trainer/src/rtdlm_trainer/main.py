@@ -164,7 +164,8 @@ def summarize(result: RunResult, tokenizer: Tokenizer, sample_tokens: int, stop:
             f"stopped by {stop} after step {result.step}: checkpoint {where}; run the same "
             "command to resume"
         )
-        return 0
+        # Not 0: the run is unfinished, and a Kubernetes Job must start it again (and resume).
+        return 128 + signal.Signals[stop].value if stop else 1
     if result.params is None:
         print(f"done: {result.message}")
         return 0

@@ -32,9 +32,9 @@ expect() {
   [ "$actual" = "$expected" ] || fail "$name selected '${actual}', expected '${expected}'"
 }
 images="apps/exporter:image apps/trainer:image apps/trainer:image-gpu"
-expect "a lib everything uses (rtdlm-model)" \
-  "$images libs/rtdlm-export:dist libs/rtdlm-model:dist libs/rtdlm-train:dist " \
-  libs/rtdlm-model/src/rtdlm/model/__init__.py
+expect "a lib both apps use (rtdlm-ckpt)" \
+  "$images libs/rtdlm-ckpt:dist libs/rtdlm-train:dist " \
+  libs/rtdlm-ckpt/src/rtdlm/ckpt/retention.py
 expect "a lib only the trainer uses (rtdlm-metrics)" \
   "apps/trainer:image apps/trainer:image-gpu libs/rtdlm-metrics:dist libs/rtdlm-train:dist " \
   libs/rtdlm-metrics/src/rtdlm/metrics/__init__.py

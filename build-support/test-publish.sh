@@ -70,7 +70,8 @@ podman rmi -f "127.0.0.1:5000/auralithai/rt-dlm:export-$revision" >/dev/null 2>&
 podman pull -q "127.0.0.1:5000/auralithai/rt-dlm:export-$revision" >/dev/null
 podman run --rm "127.0.0.1:5000/auralithai/rt-dlm:export-$revision" --help >/dev/null \
   || fail "the pulled exporter image does not run"
-"$RTDLM_HELM" pull oci://127.0.0.1:5000/charts/rtdlm --version 0.1.0 -d "$work/pulled" >/dev/null
+mkdir -p "$work/pulled"
+"$RTDLM_HELM" pull oci://127.0.0.1:5000/charts/rtdlm --version 0.1.0 -d "$work/pulled" >/dev/null 2>&1
 "$RTDLM_HELM" template check "$work/pulled/rtdlm-0.1.0.tgz" >/dev/null || fail "the pulled chart does not render"
 
 if out="$(build-support/publish.sh HEAD~1 2>&1)"; then fail "republishing chart 0.1.0 was not refused"; fi

@@ -258,7 +258,8 @@ def test_seed_defaults_are_kept() -> None:
 
 def documented_keys(lines: list[str]) -> set[tuple[str, ...]]:
     """Paths of the keys whose comment block above holds a `# --` line (helm-docs style)."""
-    documented, stack = set(), []  # stack: (indent, key) of the enclosing mappings
+    documented: set[tuple[str, ...]] = set()
+    stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing mappings
     for number, line in enumerate(lines):
         match = re.match(r"^( *)([A-Za-z_][\w.-]*):", line)
         if not match:

@@ -620,12 +620,10 @@ def test_metrics_off(render: Callable[..., list[dict[str, Any]]]) -> None:
 def test_trainer_accepts_rendered_args(
     render: Callable[..., list[dict[str, Any]]],
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
     variant: str,
     with_config: bool,
 ) -> None:
-    from rtdlm.train import distributed
-    from rtdlm_trainer.main import parse_args, resolve_config
+    from rtdlm_trainer.main import job_cluster, parse_args, resolve_config
 
     docs = render(VARIANTS[variant], with_config=with_config)
     job = one(docs, "Job")
@@ -651,8 +649,7 @@ def test_trainer_accepts_rendered_args(
 
     env = {e["name"]: e for e in container["env"]}
     if "RTDLM_NUM_PROCESSES" not in env:
-        cluster = distributed.from_environment({})
-        assert not cluster.multi_process
+        assert not job_cluster(args, {}).multi_process
         return
     workers = job["spec"]["completions"]
     for index in range(workers):  # what the fieldRef gives pod `index`
@@ -661,17 +658,7 @@ def test_trainer_accepts_rendered_args(
             "RTDLM_NUM_PROCESSES": env["RTDLM_NUM_PROCESSES"]["value"],
             "RTDLM_PROCESS_ID": str(index),
         }
-        for name, value in environ.items():
-            monkeypatch.setenv(name, value)
-        cluster = distributed.from_environment(
-            os.environ,
-            coordinator_address=args.coordinator_address,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-            auto=args.cluster_detection,
-            timeout_seconds=args.join_timeout,
-            heartbeat_seconds=args.heartbeat_timeout,
-        )
+        cluster = job_cluster(args, environ)
         assert cluster.multi_process
         assert cluster.num_processes == workers
         assert cluster.process_id == index

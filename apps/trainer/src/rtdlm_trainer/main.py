@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -126,6 +127,19 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return resolve(args.preset, file_keys, args.sets, read_index(Path(cfg.data.path))["vocab_size"])
 
 
+def job_cluster(args: argparse.Namespace, environ: Mapping[str, str]) -> distributed.Cluster:
+    """This process's job: the flags, else the RTDLM_* variables (what the Helm chart sets)."""
+    return distributed.from_environment(
+        environ,
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        auto=args.cluster_detection,
+        timeout_seconds=args.join_timeout,
+        heartbeat_seconds=args.heartbeat_timeout,
+    )
+
+
 class Signals:
     """SIGTERM/SIGINT: the first asks the run to checkpoint and stop after the current step,
     the second exits at once. This is what Kubernetes preemption (SIGTERM, then SIGKILL) needs."""
@@ -196,16 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     run_log.handlers = [logging.StreamHandler(sys.stdout)]
     args = parse_args(argv)
     try:
-        cluster = distributed.from_environment(
-            os.environ,
-            coordinator_address=args.coordinator_address,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-            auto=args.cluster_detection,
-            timeout_seconds=args.join_timeout,
-            heartbeat_seconds=args.heartbeat_timeout,
-        )
-        distributed.initialize(cluster)  # before anything else touches JAX
+        distributed.initialize(job_cluster(args, os.environ))  # before anything touches JAX
         who = f"[process {jax.process_index()}/{jax.process_count()}] "
         who = who if jax.process_count() > 1 else ""  # say which process speaks
         run_log.handlers[0].setFormatter(logging.Formatter(who + "%(message)s"))

@@ -247,14 +247,26 @@ def test_the_reason_is_the_os_error_not_tensorstores_page() -> None:
 def test_the_log_filter_drops_only_orbax_records_about_rtdlm_saves(tmp_path: Path) -> None:
     orbax_file = os.path.join(quiet._ORBAX_SOURCE, "checkpoint_manager.py")
 
-    def record(message: str, pathname: str = orbax_file, level: int = logging.ERROR) -> bool:
-        made = logging.LogRecord("absl", level, pathname, 1, message, None, None)
+    def record(
+        message: str,
+        pathname: str = orbax_file,
+        level: int = logging.ERROR,
+        error: BaseException | None = None,
+    ) -> bool:
+        exc_info = (type(error), error, None) if error is not None else None
+        made = logging.LogRecord("absl", level, pathname, 1, message, None, exc_info)
         return quiet.claims.filter(made)
+
+    # what orbax's writer threads log when a write fails on a full disk: no path anywhere
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    denied = OSError(errno.EACCES, "Permission denied")
 
     ours = str(tmp_path / "ckpts" / "2")
     assert record(f"Failed to run 3 commit ops, directory: {ours}")  # nothing claimed yet
     quiet.claims.start(ours)
     try:
+        assert not record("_SignalingThread.run() raised an exception", error=disk_full)
+        assert record("_SignalingThread.run() raised an exception", error=denied)
         assert not record(f"Failed to run 3 commit ops, directory: {ours}")
         assert not record(f"writing {ours}.orbax-checkpoint-tmp/params failed")
         assert record(f"Failed to remove checkpoint ({ours}0)")  # step 20 is not step 2

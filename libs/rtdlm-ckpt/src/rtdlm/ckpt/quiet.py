@@ -15,8 +15,10 @@ rtdlm.ckpt turns such a failure into one CheckpointSaveError, so these copies ar
 only these: the filter below drops a record only if it comes from orbax.checkpoint's own
 source files, is an ERROR or worse, and is about a save that an rtdlm CheckpointManager has
 claimed (in flight, or failed and reported): it is logged while rtdlm itself waits on that
-save in the same thread, carries an exception already dropped once, or names the save's step
-directory (asyncio's records count only by naming it). Everything else orbax, absl, asyncio
+save in the same thread, carries an exception already dropped once, names the save's step
+directory, or carries a disk-full OSError (ENOSPC, EDQUOT: a write that fails that way while an
+rtdlm save is claimed is that save's, and rtdlm reports it; such errors often carry no path).
+asyncio's records count only by naming the directory. Everything else orbax, absl, asyncio
 or tensorstore logs passes untouched. The unraisable
 hook drops only that exact closed-loop RuntimeError, and only once an rtdlm save is in flight
 or has failed in this process; anything else goes to the previous hook.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -41,17 +44,28 @@ _ORBAX_SOURCE = os.path.dirname(os.path.abspath(ocp.__file__)) + os.sep
 _REMEMBERED_FAILURES = 8  # failed saves whose late stragglers are still recognised
 
 
-def _texts(error: BaseException) -> Iterator[str]:
-    """The text of an error and of its causes, file names included (OSError may omit them)."""
+def _chain(error: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _disk_full(error: BaseException) -> bool:
+    return any(
+        isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(error)
+    )
+
+
+def _texts(error: BaseException) -> Iterator[str]:
+    """The text of an error and of its causes, file names included (OSError may omit them)."""
+    for current in _chain(error):
         yield str(current)
         for name in ("filename", "filename2"):
             if isinstance(value := getattr(current, name, None), str | bytes | os.PathLike):
                 yield os.fsdecode(value)
-        current = current.__cause__ or current.__context__
 
 
 class _Claims(logging.Filter):
@@ -122,6 +136,7 @@ class _Claims(logging.Filter):
             claimed = not from_asyncio and (
                 getattr(self._local, "waiting", False)
                 or (error is not None and id(error) in self._dropped)
+                or (error is not None and self._pattern is not None and _disk_full(error))
             )
             if not claimed and self._pattern is not None:
                 texts = list(_texts(error)) if error is not None else []

@@ -2,28 +2,38 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 
+def find_tool(name: str) -> str | None:
+    """A binary on PATH, or in Debian's /usr/bin or /usr/sbin (not always on a sandbox's PATH)."""
+    return shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/bin") / name, Path("/usr/sbin") / name) if p.exists()), None
+    )
+
+
+def missing_tool(message: str, required_by: str) -> NoReturn:
+    """A tool a test needs is not installed: skipped here, a failure where CI installed the
+    tools and set `required_by` (RTDLM_REQUIRE_MONITORING_TOOLS, RTDLM_REQUIRE_INFRA_TOOLS)."""
+    if os.environ.get(required_by):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture
 def tool() -> Callable[[str], str]:
-    """Path of a Debian monitoring binary. Missing: skipped here, a failure in CI, which
-    installs them and sets RTDLM_REQUIRE_MONITORING_TOOLS=1 so these tests can never skip there."""
+    """Path of a Debian monitoring binary (build-support/install-monitoring-tools.sh)."""
 
     def find(name: str) -> str:
-        path = shutil.which(name) or next(
-            (str(p) for p in (Path("/usr/bin") / name, Path("/usr/sbin") / name) if p.exists()),
-            None,
-        )
+        path = find_tool(name)
         if path is not None:
             return path
-        message = (
+        missing_tool(
             f"{name} is not installed, so this monitoring test cannot run: "
-            "build-support/install-monitoring-tools.sh installs it (Debian's packages)"
+            "build-support/install-monitoring-tools.sh installs it (Debian's packages)",
+            "RTDLM_REQUIRE_MONITORING_TOOLS",
         )
-        if os.environ.get("RTDLM_REQUIRE_MONITORING_TOOLS"):
-            pytest.fail(message)
-        pytest.skip(message)
 
     return find

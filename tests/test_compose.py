@@ -14,14 +14,14 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 import yaml
+from conftest import find_tool, missing_tool
 from prometheus_client import CollectorRegistry
 
 from rtdlm.metrics import start_server
@@ -43,12 +43,6 @@ TRAINERS = ["training", "training-cpu"]
 MONITORS = ["prometheus", "alertmanager", "grafana"]
 SCHEMA_PATHS = [Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")]
 INSTALL = "build-support/test-compose.sh --install-only (Debian's docker-compose)"
-
-
-def _require(message: str) -> NoReturn:
-    if os.environ.get("RTDLM_REQUIRE_INFRA_TOOLS") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 # Compose interpolation, the forms the file uses: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}.
@@ -139,17 +133,18 @@ def prometheus_config() -> dict[str, Any]:
 def schema() -> dict[str, Any]:
     path = next((p for p in SCHEMA_PATHS if p.exists()), None)
     if path is None:
-        _require(f"no Compose Specification schema at {SCHEMA_PATHS[0]}: run {INSTALL}")
+        missing_tool(
+            f"no Compose Specification schema at {SCHEMA_PATHS[0]}: run {INSTALL}",
+            "RTDLM_REQUIRE_INFRA_TOOLS",
+        )
     return dict(json.loads(path.read_text()))
 
 
 @pytest.fixture(scope="module")
 def docker_compose() -> str:
-    found = shutil.which("docker-compose") or (
-        "/usr/bin/docker-compose" if Path("/usr/bin/docker-compose").exists() else None
-    )
+    found = find_tool("docker-compose")
     if found is None:
-        _require(f"docker-compose is not installed: run {INSTALL}")
+        missing_tool(f"docker-compose is not installed: run {INSTALL}", "RTDLM_REQUIRE_INFRA_TOOLS")
     return found
 
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
+from conftest import find_tool, missing_tool
 
 # From the repo root (Pants' sandbox root, with the chart as a `files` dependency), else beside
 # this file's directory; no resolve(), since a sandbox may hold links into a store.
@@ -84,12 +85,6 @@ TRAINER_CONFIG = {
 }
 
 
-def _require(message: str) -> None:
-    if os.environ.get("RTDLM_REQUIRE_INFRA_TOOLS") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def _installed_helm() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     tools = Path(os.environ.get("RTDLM_TOOLS_DIR") or cache / "rtdlm-tools")
@@ -98,13 +93,14 @@ def _installed_helm() -> Path:
 
 @pytest.fixture(scope="module")
 def helm() -> str:
-    found = os.environ.get("RTDLM_HELM") or shutil.which("helm")
+    found = os.environ.get("RTDLM_HELM") or find_tool("helm")
     if not found and _installed_helm().exists():
         found = str(_installed_helm())
     if not found or not Path(found).exists():
-        _require(
+        missing_tool(
             "helm is not installed, so the chart cannot be rendered: run "
-            "build-support/install-helm.sh (or set RTDLM_HELM to a helm v3 binary)"
+            "build-support/install-helm.sh (or set RTDLM_HELM to a helm v3 binary)",
+            "RTDLM_REQUIRE_INFRA_TOOLS",
         )
     return str(found)
 
@@ -196,18 +192,9 @@ def test_lint_strict(run_helm: Callable[..., Any], variant: str) -> None:
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def kubernetes_validate() -> Any:
-    try:
-        import kubernetes_validate
-    except ImportError:
-        _require("kubernetes-validate is not installed: pip install kubernetes-validate==1.37.0")
-    return kubernetes_validate
-
-
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_manifest_validates_strictly(
-    render: Callable[..., list[dict[str, Any]]], kubernetes_validate: Any, version: str
+    render: Callable[..., list[dict[str, Any]]], version: str
 ) -> None:
     checked: set[str] = set()
     seen: set[str] = set()  # variants share most objects: validate each distinct one once

@@ -1,13 +1,12 @@
-"""The two apps end to end, in process: train a few steps, checkpoint, export INT8."""
+"""The trainer app end to end, in process: train a few steps, checkpoint, resume, refuse bad
+input (the exporter's side is tests/test_exporter.py)."""
 
 import io
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from rtdlm_exporter.main import main as exporter
 from rtdlm_trainer.main import main as trainer
 
 FAST = ["--max-steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3"]
@@ -22,26 +21,11 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
     assert "sample: 'The " in out  # text generated with the KV cache after training
 
-    output = tmp_path / "tiny-int8.npz"
-    assert (
-        exporter(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output", str(output)])
-        == 0
-    )
-    assert "exported step 3" in capsys.readouterr().out
-    with np.load(output) as weights:
-        assert weights["block_0/attn/query/w.int8"].dtype == np.int8
-        assert weights["block_0/attn_norm/scale"].dtype == np.float32
-
     # The same run dir resumes (here: nothing left to do); --no-resume refuses to touch it.
     assert trainer(["--preset", "tiny", *FAST, "--run-dir", str(tmp_path / "run")]) == 0
     assert "nothing to do, step 3 >= train.max_steps" in capsys.readouterr().out
     assert trainer([*FAST, "--no-resume", "--run-dir", str(tmp_path / "run")]) == 2
     assert "already holds checkpoints and resuming is off (--no-resume)" in capsys.readouterr().err
-    assert (
-        exporter(["--checkpoint", str(tmp_path / "run" / "checkpoints"), "--output", str(output)])
-        == 2
-    )
-    assert "pass --force" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -75,15 +59,6 @@ def test_bad_input_is_one_clear_line(
     err = capsys.readouterr().err
     assert err.strip() == f"trainer: error: {message}"
     assert not any(tmp_path.iterdir())
-
-
-def test_exporter_names_a_missing_checkpoint(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert (
-        exporter(["--checkpoint", str(tmp_path / "none"), "--output", str(tmp_path / "x.npz")]) == 2
-    )
-    assert "no checkpoint directory" in capsys.readouterr().err
 
 
 def test_trainer_refuses_a_metrics_port_in_use(

@@ -152,6 +152,15 @@ def test_params_only_never_reads_optimizer_state(tmp_path: Path) -> None:
         CheckpointManager(tmp_path, read_only=True).restore(3, opt_state=opt_state)
 
 
+def test_params_only_restores_bring_the_config(tmp_path: Path) -> None:
+    """What an exporter needs to rebuild the model the weights belong to."""
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, params=model_params(), config={"model": {"d_model": 8}})
+        manager.save(2, params=model_params())
+    assert restore_params(tmp_path, 1).config == {"model": {"d_model": 8}}
+    assert restore_params(tmp_path).config == {}
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_corruption_is_detected_naming_the_checkpoint(tmp_path: Path, damage: str) -> None:
     params = model_params()

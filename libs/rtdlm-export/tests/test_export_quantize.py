@@ -1,15 +1,23 @@
+from dataclasses import replace
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from rtdlm.export import (
-    dequantize_params,
+from rtdlm.export.quantize import (
+    dequantize,
     dequantize_tensor,
+    is_quantized,
     nbytes,
-    quantize_params,
+    quantize,
     quantize_tensor,
 )
+from rtdlm.model import ModelConfig, build, generate
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
 
@@ -45,30 +53,62 @@ def test_stacked_weights_get_a_scale_per_layer_and_channel() -> None:
     assert experts.scale.shape == (2, 4, 1, 8)
 
 
-def test_stacked_norm_scales_stay_float32() -> None:
-    rng = np.random.default_rng(2)
-    params = {
-        "layers/block/attn_norm": {"scale": rng.normal(size=(4, 32)).astype(np.float32)},
-        "layers/block/attn/query": {"w": rng.normal(size=(4, 32, 32)).astype(np.float32)},
-    }
-    quantized = quantize_params(params)
-    norm = quantized["layers/block/attn_norm"]["scale"]
-    np.testing.assert_array_equal(norm, params["layers/block/attn_norm"]["scale"])
-    assert quantized["layers/block/attn/query"]["w"].scale.shape == (4, 1, 32)
-
-
-def test_params_keep_vectors_and_shrink_matrices() -> None:
-    rng = np.random.default_rng(0)
-    params = {
-        "linear": {"w": rng.normal(size=(64, 32)).astype(np.float32), "b": np.ones(32, np.float32)}
-    }
-    quantized = quantize_params(params)
-    np.testing.assert_array_equal(quantized["linear"]["b"], params["linear"]["b"])
-    assert nbytes(quantized) < nbytes(params) / 3
-    restored = dequantize_params(quantized)
-    np.testing.assert_allclose(restored["linear"]["w"], params["linear"]["w"], atol=0.05)
-
-
 def test_all_zero_channel_is_exact() -> None:
     w = np.zeros((3, 2), np.float32)
     np.testing.assert_array_equal(dequantize_tensor(quantize_tensor(w)), w)
+
+
+DENSE = ModelConfig(
+    d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=16, vocab_size=64
+)
+CONFIGS = {
+    "dense, tied": DENSE,
+    "dense, untied": replace(DENSE, tie_embeddings=False),
+    "scanned": replace(DENSE, num_layers=3, scan_layers=True),
+    "moe, scanned": replace(DENSE, num_layers=4, moe_every=2, num_experts=4, scan_layers=True),
+}
+
+
+def init(cfg: ModelConfig) -> hk.Params:
+    params = build(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    return jax.tree_util.tree_map(np.asarray, params)
+
+
+def test_matrices_become_int8_with_a_scale_and_the_rest_stays_float32() -> None:
+    params = init(CONFIGS["moe, scanned"])
+    quantized = quantize(params)
+    query = quantized["layers/block_0/attn/query"]
+    assert query["w"].dtype == np.int8 and query["w_scale"].shape == (2, 1, 32)  # per layer
+    moe = quantized["layers/block_1/moe"]
+    assert moe["w_gate"].dtype == np.int8 and moe["w_gate_scale"].shape == (2, 4, 1, 256)
+    embed = quantized["embed"]  # a scale per vocabulary row: lookup and tied logits share it
+    assert embed["embeddings"].dtype == np.int8 and embed["embeddings_scale"].shape == (64, 1)
+    np.testing.assert_array_equal(
+        quantized["layers/block_1/moe/router"]["w"], params["layers/block_1/moe/router"]["w"]
+    )
+    norm = quantized["layers/block_0/attn_norm"]["scale"]
+    assert norm.dtype == np.float32 and norm.shape == (2, 32)
+    assert nbytes(quantized) < nbytes(params) / 3 and is_quantized(quantized)
+    assert not is_quantized(dequantize(quantized))
+    restored = dequantize(quantized)
+    assert {m: sorted(v) for m, v in restored.items()} == {m: sorted(v) for m, v in params.items()}
+    assert quantize(quantized)["embed"]["embeddings"].dtype == np.int8  # idempotent
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_model_runs_int8_parameters_as_their_float_values(name: str) -> None:
+    """rtdlm.model computes (x @ values) * scale: the dequantized float model's logits, up to
+    float rounding, for every layout, and generation with the KV cache works on them."""
+    cfg = CONFIGS[name]
+    quantized = quantize(init(cfg))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
+    model = build(cfg)
+    int8_logits = model.apply(quantized, None, tokens)
+    float_logits = model.apply(dequantize(quantized), None, tokens)
+    np.testing.assert_allclose(int8_logits, float_logits, atol=1e-4)
+    key = jax.random.PRNGKey(1)
+    a = generate(quantized, tokens[:, :4], key, cfg=cfg, max_new_tokens=8, temperature=0.0)
+    b = generate(
+        dequantize(quantized), tokens[:, :4], key, cfg=cfg, max_new_tokens=8, temperature=0.0
+    )
+    np.testing.assert_array_equal(a.tokens, b.tokens)

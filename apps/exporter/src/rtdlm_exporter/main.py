@@ -1,72 +1,216 @@
-"""`exporter`: turn a training checkpoint into a deployable INT8 weight file."""
+"""`exporter`: turn a training checkpoint into checked inference artifacts, and run them.
+
+The app edge: arguments, the held-out data and tokenizer (rtdlm.train), and the terminal. The
+artifacts and their checks are rtdlm.export's.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
-from rtdlm import ckpt
-from rtdlm.export import QuantizedTensor, dequantize_params, nbytes, quantize_params
+from rtdlm.ckpt import CheckpointError
+from rtdlm.export import int8, onnx_export, quality
+from rtdlm.export.artifact import (
+    CheckFailed,
+    ExportError,
+    TokenizerSpec,
+    Trained,
+    check_output,
+    load_checkpoint,
+)
+from rtdlm.export.onnx_runtime import OnnxModel, check_context
+from rtdlm.model import generate
+from rtdlm.train.shards import DataError
+from rtdlm.train.tokenizer import Tokenizer, from_index, load_data
+
+BAD_INPUT = (ExportError, CheckpointError, DataError)
+
+
+def step_arg(text: str) -> int | str:
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step number or 'best'") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="exporter", description="Quantize a trained RT-DLM checkpoint's weights to INT8."
+        prog="exporter",
+        description="Export a trained RT-DLM checkpoint as a checked INT8 or ONNX artifact, "
+        "verify one, or generate text with one.",
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoints/ dir")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    parser.add_argument("--output", type=Path, required=True, help="the .npz file to write")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --output")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    quantize = commands.add_parser("quantize", help="weight-only INT8 artifact that JAX runs")
+    onnx = commands.add_parser("onnx", help="ONNX prefill and decode graphs with a KV cache")
+    verify = commands.add_parser("verify", help="run an ONNX artifact's checks again")
+    for command in (quantize, onnx, verify):
+        command.add_argument("--checkpoint", type=Path, required=True, help="a run (dir)")
+        command.add_argument("--step", type=step_arg, help="step or 'best' (default: newest)")
+        command.add_argument("--data", type=Path, help="held-out data (default: the run's)")
+        command.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens")
+        command.add_argument(
+            "--max-ppl-increase",
+            type=float,
+            default=2.0,
+            metavar="PERCENT",
+            help="fail when held-out perplexity rises more than this over float32 (default 2)",
+        )
+    for command in (quantize, onnx):
+        command.add_argument("--out", type=Path, required=True, help="artifact directory")
+        command.add_argument("--force", action="store_true", help="replace an existing --out")
+    onnx.add_argument("--int8", action="store_true", help="INT8 MatMul weights (ONNX Runtime)")
+    verify.add_argument("--onnx", type=Path, required=True, help="the ONNX artifact directory")
+    run = commands.add_parser("generate", help="continue a prompt with an exported artifact")
+    run.add_argument("--model", type=Path, required=True, help="an INT8 or ONNX artifact dir")
+    run.add_argument("--prompt", required=True)
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    run.add_argument("--top-k", type=int, default=None)
+    run.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
-def flatten(tree: object) -> dict[str, np.ndarray]:
-    """Named arrays for an .npz: a QuantizedTensor becomes NAME.int8 and NAME.scale."""
-    arrays: dict[str, np.ndarray] = {}
-    leaves = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: isinstance(x, QuantizedTensor)
-    )[0]
-    for path, leaf in leaves:
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        if isinstance(leaf, QuantizedTensor):
-            arrays[f"{name}.int8"], arrays[f"{name}.scale"] = leaf.values, leaf.scale
-        else:
-            arrays[name] = np.asarray(leaf)
-    return arrays
+def checkpoints(path: Path) -> Path:
+    """A run directory's checkpoints/, or the path as given."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def held_out(
+    trained: Trained, data: Path | None, eval_tokens: int
+) -> tuple[Any, Tokenizer, Path | None]:
+    """Held-out rows to measure on, the run's tokenizer and the data directory they came from."""
+    path = data or (trained.run_config.get("data") or {}).get("path")
+    if path is not None and not Path(path).is_dir():
+        raise ExportError(f"the run's data directory {path} is gone: pass --data DIR")
+    splits, tokenizer = load_data(path)
+    if tokenizer.vocab_size > trained.cfg.vocab_size:
+        raise ExportError(
+            f"the data's tokenizer has {tokenizer.vocab_size:,} tokens, more than the model's "
+            f"vocabulary of {trained.cfg.vocab_size:,}: pass the --data it was trained on"
+        )
+    validation = splits.validation
+    documents = (validation.document(i) for i in range(validation.num_documents))
+    return (
+        quality.windows(documents, trained.cfg.seq_len, eval_tokens),
+        tokenizer,
+        path and Path(path),
+    )
+
+
+def spec(tokenizer: Tokenizer, data: Path | None) -> TokenizerSpec:
+    entry = tokenizer.index_entry
+    files = (data / entry["file"],) if data is not None and "file" in entry else ()
+    return TokenizerSpec(entry, files)
+
+
+def text(tokenizer: Tokenizer, tokens: np.ndarray) -> str:
+    return repr(tokenizer.decode(np.asarray(tokens).ravel()))
+
+
+def export(args: argparse.Namespace) -> None:
+    if args.command != "verify":
+        check_output(args.out, args.force)  # before minutes of work
+    trained = load_checkpoint(checkpoints(args.checkpoint), args.step)
+    rows, tokenizer, data = held_out(trained, args.data, args.eval_tokens)
+    limit, step = args.max_ppl_increase / 100, trained.source["step"]
+    if args.command == "quantize":
+        q = int8.quantize_checkpoint(
+            trained, rows, args.out, spec(tokenizer, data), limit, args.force
+        )
+        print(
+            f"quantized step {step}: {q.float32_bytes:,} -> {q.int8_bytes:,} bytes "
+            f"({q.float32_bytes / q.int8_bytes:.2f}x smaller)\n"
+            f"held-out perplexity ({q.float32.tokens:,} tokens): float32 "
+            f"{q.float32.perplexity:.4f} | int8 {q.int8.perplexity:.4f} ({q.increase:+.2%}, "
+            f"limit {limit:.2%})\ngreedy, float32: {text(tokenizer, q.greedy_float32)}\n"
+            f"greedy, int8:    {text(tokenizer, q.greedy_int8)} ({q.greedy_agreement} of "
+            f"{q.greedy_float32.size} tokens agree)\nwritten to {args.out}"
+        )
+        return
+    if args.command == "onnx":
+        report = onnx_export.export_onnx(
+            trained,
+            rows,
+            args.out,
+            spec(tokenizer, data),
+            int8=args.int8,
+            max_increase=limit,
+            force=args.force,
+        )
+        where = f"written to {args.out}"
+    else:
+        report = onnx_export.verify_onnx(args.onnx, trained, rows, limit)
+        where = f"{args.onnx} verified against step {step}"
+    kind = "INT8" if report.int8 else "float32"
+    lines = [f"ONNX {kind}, opset {onnx_export.OPSET}, step {step}: {report.bytes:,} bytes"]
+    if report.max_abs_diff:
+        diffs = ", ".join(f"{k.replace('_', ' ')} {v:.1e}" for k, v in report.max_abs_diff.items())
+        lines.append(f"max abs difference to JAX: {diffs} (limit {onnx_export.PARITY:.0e})")
+    lines += [
+        f"greedy: {report.greedy_agreement} of {report.greedy_jax.size} tokens as "
+        f"rtdlm.model.generate: {text(tokenizer, report.greedy_onnx)}",
+        f"held-out perplexity ({report.onnx.tokens:,} tokens): JAX float32 "
+        f"{report.jax_float32.perplexity:.4f} | ONNX {kind} {report.onnx.perplexity:.4f} "
+        f"({report.increase:+.2%}, limit {limit:.2%})",
+        "checks passed: " + "; ".join(report.checks),
+        where,
+    ]
+    print("\n".join(lines))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Generates from an artifact with the tokenizer it carries."""
+    if (args.model / onnx_export.GRAPHS["prefill"]).exists():
+        model, manifest = OnnxModel.open(args.model)
+        cfg = model.cfg
+
+        def continuation(prompt: np.ndarray) -> np.ndarray:
+            return model.generate(
+                prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
+            )
+
+    else:
+        cfg, params, manifest = int8.load(args.model)
+
+        def continuation(prompt: np.ndarray) -> np.ndarray:
+            key = jax.random.PRNGKey(args.seed)
+            return generate(
+                params,
+                prompt,
+                key,
+                cfg=cfg,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+            ).tokens
+
+    tokenizer = from_index({"tokenizer": manifest.get("tokenizer")}, args.model)
+    prompt = tokenizer.encode(args.prompt)[None]
+    check_context(cfg.seq_len, prompt.shape[1], args.max_new_tokens)
+    print(args.prompt + tokenizer.decode(np.asarray(continuation(prompt))[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.output.exists() and not args.force:
-        print(f"exporter: error: {args.output} exists; pass --force to replace it", file=sys.stderr)
-        return 2
     try:
-        checkpoint = ckpt.restore_params(args.checkpoint, args.step)
-    except ckpt.CheckpointError as error:
+        if args.command == "generate":
+            run(args)
+        else:
+            export(args)
+    except CheckFailed as error:
+        print(f"exporter: check failed: {error}", file=sys.stderr)
+        return 1
+    except BAD_INPUT as error:
         print(f"exporter: error: {error}", file=sys.stderr)
         return 2
-    step, params = checkpoint.step, checkpoint.params
-    quantized = quantize_params(params)
-    max_error = max(
-        float(np.abs(np.asarray(a) - b).max())
-        for a, b in zip(
-            jax.tree_util.tree_leaves(params),
-            jax.tree_util.tree_leaves(dequantize_params(quantized)),
-            strict=False,
-        )
-    )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "wb") as f:
-        np.savez(f, allow_pickle=False, **flatten(quantized))
-    print(
-        f"exported step {step}: {nbytes(params):,} -> {nbytes(quantized):,} bytes "
-        f"({nbytes(params) / nbytes(quantized):.2f}x smaller), "
-        f"max abs weight error {max_error:.2e}, written to {args.output}"
-    )
     return 0
 
 

@@ -636,7 +636,8 @@ class CheckpointManager:
             )
         step_dir = self.directory / str(step)
         saved_items = {path.name for path in step_dir.iterdir() if path.is_dir()}
-        wanted = ["params", "rtdlm"] + ([] if params_only else ["opt_state", *_JSON_ITEMS])
+        wanted = ["params", "rtdlm", "config"]
+        wanted += [] if params_only else ["opt_state", *_JSON_ITEMS]
         wanted = [item for item in dict.fromkeys(wanted) if item in saved_items]
         if "params" not in wanted:
             raise CorruptCheckpointError(
@@ -719,7 +720,8 @@ def restore_params(
     *,
     retention: Retention | None = None,
 ) -> Checkpoint:
-    """Params (and metadata) only, for inference and export: optimizer state is never read.
+    """Params, config and metadata only, for inference and export: optimizer state is never
+    read.
 
     `step="best"` picks by `retention`'s best_metric and best_mode (default: lowest eval_loss).
     """

@@ -8,6 +8,7 @@ is placed before anyone's second.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from rtdlm.model.config import ModelConfig
+from rtdlm.model.linear import linear, matmul
 from rtdlm.model.partitioning import constrain
 
 
@@ -68,8 +70,7 @@ def moe_mlp(x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, MoEStats]:
     tokens = x.reshape(-1, d)
     num_tokens = tokens.shape[0]
     cap = capacity(cfg, num_tokens)
-    router = hk.Linear(cfg.num_experts, with_bias=False, name="router")
-    router_logits = router(tokens).astype(jnp.float32)
+    router_logits = linear(tokens, cfg.num_experts, "router").astype(jnp.float32)
     experts, slot, weights, kept, stats = route(router_logits, cfg, cap)
     token_index = jnp.tile(jnp.arange(num_tokens), cfg.experts_per_token)
 
@@ -80,13 +81,12 @@ def moe_mlp(x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, MoEStats]:
 
     init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
     shape_in, shape_out = (cfg.num_experts, d, cfg.ffn_dim), (cfg.num_experts, cfg.ffn_dim, d)
-    w_gate = hk.get_parameter("w_gate", shape_in, init=init)
-    w_up = hk.get_parameter("w_up", shape_in, init=init)
-    w_down = hk.get_parameter("w_down", shape_out, init=init)
-    hidden = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffers, w_gate))
-    hidden = hidden * jnp.einsum("ecd,edf->ecf", buffers, w_up)
+    per_expert = functools.partial(jnp.einsum, "ecd,edf->ecf")
+    hidden = jax.nn.silu(matmul(per_expert, buffers, "w_gate", shape_in, init))
+    hidden = hidden * matmul(per_expert, buffers, "w_up", shape_in, init)
     hidden = constrain(hidden, "act_expert", None, "act_mlp")
-    outputs = constrain(jnp.einsum("ecf,efd->ecd", hidden, w_down), "act_expert", None, "act_embed")
+    outputs = matmul(per_expert, hidden, "w_down", shape_out, init)
+    outputs = constrain(outputs, "act_expert", None, "act_embed")
 
     # Scatter back: each kept assignment adds its expert's output, weighted by the router.
     gathered = outputs.at[experts, slot].get(mode="fill", fill_value=0)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from rtdlm.model.config import ModelConfig
+from rtdlm.model.linear import Embedding, linear
 from rtdlm.model.moe import MoEStats, moe_mlp
 from rtdlm.model.partitioning import constrain
 
@@ -59,9 +60,9 @@ def causal_self_attention(
     cache: LayerCache | None = None,
 ) -> tuple[jax.Array, LayerCache | None]:
     batch, time, _ = x.shape
-    q = hk.Linear(cfg.num_heads * cfg.head_dim, with_bias=False, name="query")(x)
-    k = hk.Linear(cfg.num_kv_heads * cfg.head_dim, with_bias=False, name="key")(x)
-    v = hk.Linear(cfg.num_kv_heads * cfg.head_dim, with_bias=False, name="value")(x)
+    q = linear(x, cfg.num_heads * cfg.head_dim, "query")
+    k = linear(x, cfg.num_kv_heads * cfg.head_dim, "key")
+    v = linear(x, cfg.num_kv_heads * cfg.head_dim, "value")
     q = apply_rotary(q.reshape(batch, time, cfg.num_heads, cfg.head_dim), positions, cfg.rope_base)
     k = apply_rotary(k.reshape(batch, time, cfg.num_kv_heads, -1), positions, cfg.rope_base)
     v = v.reshape(batch, time, cfg.num_kv_heads, cfg.head_dim)
@@ -82,14 +83,14 @@ def causal_self_attention(
         is_causal=mask is None,
         implementation=None if cfg.attention == "auto" else cfg.attention,  # type: ignore[arg-type]
     )
-    return hk.Linear(cfg.d_model, with_bias=False, name="out")(y.reshape(batch, time, -1)), cache
+    return linear(y.reshape(batch, time, -1), cfg.d_model, "out"), cache
 
 
 def swiglu_mlp(x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    gate = hk.Linear(cfg.ffn_dim, with_bias=False, name="gate")(x)
-    up = hk.Linear(cfg.ffn_dim, with_bias=False, name="up")(x)
+    gate = linear(x, cfg.ffn_dim, "gate")
+    up = linear(x, cfg.ffn_dim, "up")
     hidden = constrain(jax.nn.silu(gate) * up, "batch", "length", "act_mlp")
-    return hk.Linear(cfg.d_model, with_bias=False, name="down")(hidden)
+    return linear(hidden, cfg.d_model, "down")
 
 
 def block(
@@ -227,20 +228,16 @@ def transformer(
         return next_getter(value.astype(compute) if floating else value)
 
     with hk.custom_creator(create_float32), hk.custom_getter(cast_to_compute):
-        embed = hk.Embed(
-            cfg.vocab_size, cfg.d_model, w_init=hk.initializers.TruncatedNormal(0.02), name="embed"
-        )
-        x = constrain(embed(tokens), "batch", "length", "act_embed")
+        embed = Embedding(cfg.vocab_size, cfg.d_model)
+        x = constrain(embed(tokens, compute), "batch", "length", "act_embed")
         if cfg.scan_layers:
             x, kv, stats = scanned_blocks(x, positions, mask, cfg, cache)
         else:  # every block traced on its own, as modules block_0 ... block_{L-1}
             names = [f"block_{layer}" for layer in range(cfg.num_layers)]
             x, kv, stats = run_blocks(x, positions, mask, cfg, names, cache)
         x = rms_norm(x, cfg, "final_norm")
-        if cfg.tie_embeddings:
-            logits = x @ embed.embeddings.T
-        else:
-            logits = hk.Linear(cfg.vocab_size, with_bias=False, name="unembed")(x)
+        tied = cfg.tie_embeddings
+        logits = embed.unembed(x) if tied else linear(x, cfg.vocab_size, "unembed")
     if cache is not None:
         assert kv is not None  # nosec B101 # narrows a type; decoding always returns caches
         cache = KVCache(*kv, cache.length + tokens.shape[1])

@@ -1,0 +1,287 @@
+"""The ONNX artifact: prefill and decode graphs that are checked against the JAX model before
+they are written, float32 or with INT8 MatMul weights from ONNX Runtime's quantizer.
+
+Both graphs keep their weights in one shared external data file (`weights.onnx.data`), so the
+artifact holds each weight once and has no 2 GB protobuf limit. Validation is part of export:
+`onnx.checker`'s full check of each graph; logits and cache of prefill and a decode step against
+rtdlm.model on random and held-out inputs (float32: max abs difference at most 1e-4); a greedy
+generation in ONNX Runtime with the cache graphs token for token equal to rtdlm.model.generate's;
+and held-out perplexity against float32 JAX (INT8: within the limit). Any miss raises ExportError
+with the numbers, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import onnx
+from onnx import external_data_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from rtdlm.export import quality
+from rtdlm.export.artifact import (
+    CheckFailed,
+    ExportError,
+    TokenizerSpec,
+    Trained,
+    describe,
+    model_config,
+    read_artifact,
+    write_artifact,
+)
+from rtdlm.export.int8 import DEFAULT_MAX_INCREASE
+from rtdlm.export.onnx_graph import OPSET, UnsupportedModel, decoder_graph
+from rtdlm.export.onnx_runtime import GRAPHS, KIND, OnnxModel
+from rtdlm.model import build_decoder, init_cache
+
+DATA = "weights.onnx.data"
+PARITY = 1e-4  # float32 logits and cache: max abs difference to rtdlm.model
+_ALIGN = 4096  # external tensors start on page boundaries, so runtimes can map them
+
+
+@dataclass(frozen=True)
+class OnnxReport:
+    int8: bool
+    jax_float32: quality.Perplexity
+    onnx: quality.Perplexity
+    max_abs_diff: dict[str, float]  # float32 only: logits and cache, random and held-out
+    greedy_jax: np.ndarray
+    greedy_onnx: np.ndarray
+    bytes: int
+    checks: list[str] = field(default_factory=list)
+
+    @property
+    def increase(self) -> float:
+        return quality.increase(self.jax_float32, self.onnx)
+
+    @property
+    def greedy_agreement(self) -> int:
+        return quality.agreement(self.greedy_jax, self.greedy_onnx)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "int8": self.int8,
+            "eval_tokens": self.onnx.tokens,
+            "perplexity_jax_float32": self.jax_float32.perplexity,
+            "perplexity_onnx": self.onnx.perplexity,
+            "perplexity_increase": self.increase,
+            "max_abs_diff": self.max_abs_diff,
+            "parity_limit": None if self.int8 else PARITY,
+            "greedy_tokens": int(self.greedy_jax.size),
+            "greedy_agreement": self.greedy_agreement,
+            "bytes": self.bytes,
+            "checks": self.checks,
+        }
+
+
+def save_graphs(models: Mapping[str, onnx.ModelProto], directory: Path) -> None:
+    """Writes each graph as directory/NAME, every tensor of 1 KiB or more once into DATA."""
+    placed: dict[str, tuple[int, int, str]] = {}  # name -> offset, length, sha256
+    with open(directory / DATA, "wb") as data:
+        for file, model in models.items():
+            for tensor in model.graph.initializer:
+                raw = tensor.raw_data
+                if len(raw) < 1024:
+                    continue
+                digest = hashlib.sha256(raw).hexdigest()
+                if tensor.name not in placed:
+                    data.write(b"\0" * (-data.tell() % _ALIGN))
+                    placed[tensor.name] = (data.tell(), len(raw), digest)
+                    data.write(raw)
+                offset, length, seen = placed[tensor.name]
+                if seen != digest:  # both graphs are built from the same parameters
+                    raise ValueError(f"{tensor.name} differs between the graphs")
+                external_data_helper.set_external_data(tensor, DATA, offset, length)
+                tensor.ClearField("raw_data")
+            onnx.save_model(model, str(directory / file))
+
+
+def quantize_graphs(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic INT8: MatMul weights per output channel (activations quantized
+    on the fly per tensor); attention's MatMuls, which have no constant weight, stay float."""
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its advice
+    quantized = {}
+    for file in GRAPHS.values():
+        quantize_dynamic(
+            source / file,
+            target / file,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            extra_options={"MatMulConstBOnly": True},
+        )
+        quantized[file] = onnx.load(str(target / file))
+        (target / file).unlink()
+    save_graphs(quantized, target)
+
+
+def _jax_reference(trained: Trained, tokens: np.ndarray, step_tokens: np.ndarray) -> list:
+    """rtdlm.model's prefill logits and cache of `tokens`, then the logits of one more token."""
+    cfg, params = trained.cfg, trained.params
+    decoder = build_decoder(cfg)
+    batch, time = tokens.shape
+    logits, cache = decoder.apply(
+        params, None, jnp.asarray(tokens, jnp.int32), init_cache(cfg, batch, time + 1)
+    )
+    step_logits, _ = decoder.apply(params, None, jnp.asarray(step_tokens, jnp.int32), cache)
+    keys = [np.asarray(cache.k[i, :, :time]).transpose(0, 2, 1, 3) for i in range(cfg.num_layers)]
+    return [np.asarray(logits), keys, np.asarray(step_logits)]
+
+
+def _parity(model: OnnxModel, trained: Trained, rows: np.ndarray) -> dict[str, float]:
+    cfg = trained.cfg
+    rng = np.random.default_rng(0)
+    time = min(cfg.seq_len - 1, 24)
+    tokens = rng.integers(0, cfg.vocab_size, (2, time))
+    step_tokens = rng.integers(0, cfg.vocab_size, (2, 1))
+    logits, keys, step_logits = _jax_reference(trained, tokens, step_tokens)
+    onnx_logits, cache = model.prefill(tokens)
+    onnx_step, _ = model.step(step_tokens, cache)
+    held_out = rows[:2, : cfg.seq_len]
+    diffs = {
+        "prefill_logits_random": float(np.abs(onnx_logits - logits).max()),
+        "cache_keys_random": max(float(np.abs(cache[2 * i] - k).max()) for i, k in enumerate(keys)),
+        "decode_logits_random": float(np.abs(onnx_step - step_logits).max()),
+        "prefill_logits_held_out": float(
+            np.abs(model.logits(held_out) - quality.jax_logits(cfg, trained.params)(held_out)).max()
+        ),
+    }
+    worst = max(diffs, key=diffs.__getitem__)
+    if diffs[worst] > PARITY:
+        raise CheckFailed(
+            f"ONNX Runtime differs from the JAX model: max abs {worst.replace('_', ' ')} "
+            f"difference {diffs[worst]:.2e} > {PARITY:.0e} ("
+            + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+            + "); nothing was written"
+        )
+    return diffs
+
+
+def validate(
+    directory: Path, trained: Trained, rows: np.ndarray, int8: bool, max_increase: float
+) -> OnnxReport:
+    """Every check of an ONNX artifact's graphs in `directory` against `trained`."""
+    checks = []
+    for file in GRAPHS.values():
+        try:
+            onnx.checker.check_model(str(directory / file), full_check=True)
+        except onnx.checker.ValidationError as error:
+            raise CheckFailed(f"{directory / file} fails onnx.checker: {error}") from None
+        checks.append(f"onnx.checker full check: {file}")
+    cfg = trained.cfg
+    model = OnnxModel(directory, cfg)
+    diffs = {} if int8 else _parity(model, trained, rows)
+    if diffs:
+        checks.append(f"float32 parity <= {PARITY:.0e}")
+    prompt, new_tokens = quality.greedy_prompt(rows, cfg)
+    greedy_jax = quality.jax_greedy(cfg, trained.params, prompt, new_tokens)
+    greedy_onnx = model.generate(prompt, new_tokens)
+    same = quality.agreement(greedy_jax, greedy_onnx)
+    if not int8 and same < new_tokens:
+        raise CheckFailed(
+            f"greedy generation in ONNX Runtime departs from rtdlm.model.generate at token "
+            f"{same + 1} of {new_tokens} ({greedy_onnx[0, same]} instead of "
+            f"{greedy_jax[0, same]}); nothing was written"
+        )
+    if not int8:
+        checks.append(f"greedy generation of {new_tokens} tokens identical to rtdlm.model")
+    batch = quality.eval_batch_size(cfg)
+    base = quality.perplexity(quality.jax_logits(cfg, trained.params), rows, batch)
+    measured = quality.perplexity(model.logits, rows, batch)
+    quality.check_increase("INT8 ONNX" if int8 else "ONNX", base, measured, max_increase)
+    checks.append(f"held-out perplexity within {max_increase:.2%} of JAX float32")
+    size = sum((directory / file).stat().st_size for file in (*GRAPHS.values(), DATA))
+    return OnnxReport(int8, base, measured, diffs, greedy_jax, greedy_onnx, size, checks)
+
+
+def export_onnx(
+    trained: Trained,
+    rows: np.ndarray,
+    out: Path,
+    tokenizer: TokenizerSpec,
+    *,
+    int8: bool = False,
+    max_increase: float = DEFAULT_MAX_INCREASE,
+    force: bool = False,
+) -> OnnxReport:
+    """Builds, validates and writes the ONNX artifact of `trained` at `out` (see the module)."""
+    try:
+        graphs = {
+            GRAPHS["prefill"]: decoder_graph(trained.cfg, trained.params, past=False),
+            GRAPHS["decode"]: decoder_graph(trained.cfg, trained.params, past=True),
+        }
+    except UnsupportedModel as error:
+        raise ExportError(str(error)) from None
+    reports = []
+
+    def build(directory: Path) -> dict[str, Any]:
+        if not int8:
+            save_graphs(graphs, directory)
+            reports.append(validate(directory, trained, rows, False, max_increase))
+        else:
+            with tempfile.TemporaryDirectory(dir=directory.parent) as scratch:
+                float_graphs = Path(scratch)
+                save_graphs(graphs, float_graphs)
+                validate(float_graphs, trained, rows, False, max_increase)  # what INT8 is made of
+                quantize_graphs(float_graphs, directory)
+            reports.append(validate(directory, trained, rows, True, max_increase))
+        return manifest(trained, tokenizer, int8, reports[0])
+
+    write_artifact(out, build, tokenizer, force)
+    return reports[0]
+
+
+def manifest(
+    trained: Trained, tokenizer: TokenizerSpec, int8: bool, report: OnnxReport
+) -> dict[str, Any]:
+    return describe(
+        KIND,
+        trained,
+        tokenizer,
+        onnx={
+            "opset": OPSET,
+            "graphs": GRAPHS,
+            "external_data": DATA,
+            "int8": int8,
+            "inputs": "input_ids int64 [batch, sequence]; decode: input_ids [batch, 1] and "
+            "past_key.{i}/past_value.{i} float32 [batch, kv_heads, past_sequence, head_dim]",
+            "outputs": "logits float32 [batch, sequence, vocab]; present_key.{i}/"
+            "present_value.{i} [batch, kv_heads, total_sequence, head_dim]",
+        },
+        validation=report.as_json(),
+    )
+
+
+def verify_onnx(
+    path: Path, trained: Trained, rows: np.ndarray, max_increase: float = DEFAULT_MAX_INCREASE
+) -> OnnxReport:
+    """Runs the export's checks again on an existing ONNX artifact against `trained`."""
+    artifact = read_artifact(path, (KIND,))
+    cfg = model_config(artifact.get("model"), str(path))
+    if cfg != trained.cfg:
+        differ = [
+            f"{name}: {getattr(cfg, name)} vs {getattr(trained.cfg, name)}"
+            for name in cfg.__dataclass_fields__
+            if getattr(cfg, name) != getattr(trained.cfg, name)
+        ]
+        raise ExportError(
+            f"{path} was exported from another model config than the checkpoint's ("
+            + "; ".join(differ)
+            + "): verify it against the checkpoint it came from"
+        )
+    source = artifact.get("source", {})
+    if source.get("params_sha256") != trained.source["params_sha256"]:
+        raise ExportError(
+            f"{path} was exported from other weights (step {source.get('step')} of "
+            f"{source.get('checkpoint')}) than step {trained.source['step']} of "
+            f"{trained.source['checkpoint']}: verify it against the checkpoint it came from"
+        )
+    return validate(Path(path), trained, rows, bool(artifact["onnx"]["int8"]), max_increase)

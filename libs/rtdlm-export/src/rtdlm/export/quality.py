@@ -1,0 +1,115 @@
+"""How good an exported model is: held-out perplexity and greedy generations, measured the same
+way for every runtime (JAX float32, JAX INT8, ONNX Runtime float32 and INT8)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rtdlm.export.artifact import CheckFailed, ExportError
+from rtdlm.export.quantize import Params
+from rtdlm.model import ModelConfig, build, generate
+
+Logits = Callable[[np.ndarray], np.ndarray]  # tokens [batch, time] -> logits [batch, time, vocab]
+
+
+class Perplexity(NamedTuple):
+    nll: float  # mean negative log-likelihood per predicted token, nats
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+def windows(documents: Iterable[np.ndarray], seq_len: int, max_tokens: int) -> np.ndarray:
+    """Rows [n, seq_len + 1] of consecutive held-out tokens (documents in order, joined), about
+    max_tokens predicted tokens in all. Plain causal rows: every runtime scores them alike."""
+    width, rows = seq_len + 1, max(1, max_tokens // seq_len)
+    parts, have = [], 0
+    for document in documents:
+        parts.append(np.asarray(document, np.int64))
+        have += len(document)
+        if have >= rows * width:
+            break
+    stream = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    rows = min(rows, len(stream) // width)
+    if rows < 1:
+        raise ExportError(
+            f"the held-out data has {len(stream):,} tokens, fewer than one row of {width}: "
+            "evaluate on more data"
+        )
+    return stream[: rows * width].reshape(rows, width)
+
+
+def eval_batch_size(cfg: ModelConfig) -> int:
+    """Rows per evaluation batch: logits of at most 16M floats, at most 16 rows."""
+    return max(1, min(16, 2**24 // (cfg.seq_len * cfg.vocab_size)))
+
+
+def perplexity(logits: Logits, rows: np.ndarray, batch_size: int) -> Perplexity:
+    """Mean next-token NLL of `rows` under `logits`, computed in float64 on the host."""
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        scores = np.asarray(logits(batch[:, :-1]), np.float64)
+        scores -= scores.max(axis=-1, keepdims=True)
+        log_z = np.log(np.exp(scores).sum(axis=-1))
+        picked = np.take_along_axis(scores, batch[:, 1:, None], axis=-1)[..., 0]
+        total += float((log_z - picked).sum())
+    count = rows.shape[0] * (rows.shape[1] - 1)
+    return Perplexity(total / count, count)
+
+
+def increase(base: Perplexity, other: Perplexity) -> float:
+    """Relative perplexity increase of `other` over `base` (0.01: 1% worse)."""
+    return other.perplexity / base.perplexity - 1.0
+
+
+def check_increase(label: str, base: Perplexity, other: Perplexity, limit: float) -> None:
+    """Raises ExportError with both numbers when `other` is more than `limit` worse."""
+    if increase(base, other) > limit:
+        raise CheckFailed(
+            f"{label} held-out perplexity {other.perplexity:.4f} is {increase(base, other):.2%} "
+            f"above float32's {base.perplexity:.4f} (limit {limit:.2%}); nothing was written: "
+            "raise --max-ppl-increase to accept it"
+        )
+
+
+def jax_logits(cfg: ModelConfig, params: Params) -> Logits:
+    """The JAX model's logits, float or INT8 parameters alike."""
+    apply = jax.jit(build(cfg).apply)
+    return lambda tokens: np.asarray(apply(params, None, jnp.asarray(tokens, jnp.int32)))
+
+
+def greedy_prompt(
+    rows: np.ndarray, cfg: ModelConfig, new_tokens: int = 64
+) -> tuple[np.ndarray, int]:
+    """A held-out prompt [1, prompt_len] and how many tokens to continue it by (64 where the
+    context allows, else what fits)."""
+    prompt_len = min(16, cfg.seq_len // 2)
+    return rows[:1, :prompt_len], min(new_tokens, cfg.seq_len - prompt_len)
+
+
+def jax_greedy(cfg: ModelConfig, params: Params, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+    """rtdlm.model.generate at temperature 0: the tokens [batch, new_tokens]."""
+    out = generate(
+        params,
+        jnp.asarray(prompt, jnp.int32),
+        jax.random.PRNGKey(0),
+        cfg=cfg,
+        max_new_tokens=new_tokens,
+        temperature=0.0,
+    )
+    return np.asarray(out.tokens)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens two generations share."""
+    differ = np.flatnonzero(np.asarray(a).ravel() != np.asarray(b).ravel())
+    return int(differ[0]) if len(differ) else int(np.asarray(a).size)

@@ -35,9 +35,9 @@ images="apps/exporter:image apps/trainer:image apps/trainer:image-gpu"
 expect "a lib both apps use (rtdlm-ckpt)" \
   "$images libs/rtdlm-ckpt:dist libs/rtdlm-train:dist " \
   libs/rtdlm-ckpt/src/rtdlm/ckpt/retention.py
-expect "a lib only the trainer uses (rtdlm-metrics)" \
-  "apps/trainer:image apps/trainer:image-gpu libs/rtdlm-metrics:dist libs/rtdlm-train:dist " \
-  libs/rtdlm-metrics/src/rtdlm/metrics/__init__.py
+expect "a lib only the exporter uses (rtdlm-export)" \
+  "apps/exporter:image libs/rtdlm-export:dist " \
+  libs/rtdlm-export/src/rtdlm/export/quantize.py
 expect "the chart only" "infra/helm/rtdlm:rtdlm " infra/helm/rtdlm/values.yaml
 expect "a doc only" "" README.md infra/README.md
 expect "the Dockerfile" "$images " infra/docker/app.Dockerfile

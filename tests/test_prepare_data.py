@@ -1,11 +1,13 @@
 """prepare-data writes shards from text files; the trainer trains on them via data.path."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from rtdlm.train.data import stdlib_documents
+from rtdlm_exporter.main import main as exporter
 from rtdlm_trainer.main import main as trainer
 from rtdlm_trainer.prepare_data import main as prepare_data
 
@@ -83,6 +85,24 @@ def test_a_sentencepiece_model_tokenizes_and_the_trainer_decodes_with_it(
     assert trainer([*FAST, *run, "--sample-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert "vocab_size: 500" in out and "sample: 'The " in out
+    # An export carries the tokenizer: it generates with the shards gone, which only a new
+    # export (that measures on the run's data) needs.
+    artifact = tmp_path / "int8"
+    export = ["--checkpoint", str(tmp_path / "run"), "--eval-tokens", "512"]
+    assert exporter(["quantize", *export, "--out", str(artifact)]) == 0
+    assert (artifact / "sp.model").is_file()
+    assert json.loads((artifact / "artifact.json").read_text())["tokenizer"]["file"] == "sp.model"
+    shutil.rmtree(shards)
+    capsys.readouterr()
+    assert (
+        exporter(
+            ["generate", "--model", str(artifact), "--prompt", "The ", "--max-new-tokens", "5"]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("The ")
+    assert exporter(["onnx", *export, "--out", str(tmp_path / "onnx")]) == 2
+    assert f"the run's data directory {shards} is gone: pass --data DIR" in capsys.readouterr().err
     assert (
         prepare_data([str(texts), "--output", str(tmp_path / "x"), "--sentencepiece", str(corpus)])
         == 2

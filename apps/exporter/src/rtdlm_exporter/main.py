@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -85,10 +84,12 @@ def checkpoints(path: Path) -> Path:
 
 def held_out(
     trained: Trained, data: Path | None, eval_tokens: int
-) -> tuple[Any, Tokenizer, Path | None]:
-    """Held-out rows to measure on, the run's tokenizer and the data directory they came from."""
-    path = data or (trained.run_config.get("data") or {}).get("path")
-    if path is not None and not Path(path).is_dir():
+) -> tuple[np.ndarray, Tokenizer, TokenizerSpec]:
+    """Held-out rows to measure on (the run's own data, or `data`), its tokenizer, and what the
+    artifact records of that tokenizer (with the SentencePiece model file, if it has one)."""
+    where = data or (trained.run_config.get("data") or {}).get("path")
+    path = None if where is None else Path(where)
+    if path is not None and not path.is_dir():
         raise ExportError(f"the run's data directory {path} is gone: pass --data DIR")
     splits, tokenizer = load_data(path)
     if tokenizer.vocab_size > trained.cfg.vocab_size:
@@ -98,17 +99,10 @@ def held_out(
         )
     validation = splits.validation
     documents = (validation.document(i) for i in range(validation.num_documents))
-    return (
-        quality.windows(documents, trained.cfg.seq_len, eval_tokens),
-        tokenizer,
-        path and Path(path),
-    )
-
-
-def spec(tokenizer: Tokenizer, data: Path | None) -> TokenizerSpec:
+    rows = quality.windows(documents, trained.cfg.seq_len, eval_tokens)
     entry = tokenizer.index_entry
-    files = (data / entry["file"],) if data is not None and "file" in entry else ()
-    return TokenizerSpec(entry, files)
+    files = (path / entry["file"],) if path is not None and "file" in entry else ()
+    return rows, tokenizer, TokenizerSpec(entry, files)
 
 
 def text(tokenizer: Tokenizer, tokens: np.ndarray) -> str:
@@ -119,12 +113,10 @@ def export(args: argparse.Namespace) -> None:
     if args.command != "verify":
         check_output(args.out, args.force)  # before minutes of work
     trained = load_checkpoint(checkpoints(args.checkpoint), args.step)
-    rows, tokenizer, data = held_out(trained, args.data, args.eval_tokens)
+    rows, tokenizer, spec = held_out(trained, args.data, args.eval_tokens)
     limit, step = args.max_ppl_increase / 100, trained.source["step"]
     if args.command == "quantize":
-        q = int8.quantize_checkpoint(
-            trained, rows, args.out, spec(tokenizer, data), limit, args.force
-        )
+        q = int8.quantize_checkpoint(trained, rows, args.out, spec, limit, args.force)
         print(
             f"quantized step {step}: {q.float32_bytes:,} -> {q.int8_bytes:,} bytes "
             f"({q.float32_bytes / q.int8_bytes:.2f}x smaller)\n"
@@ -140,7 +132,7 @@ def export(args: argparse.Namespace) -> None:
             trained,
             rows,
             args.out,
-            spec(tokenizer, data),
+            spec,
             int8=args.int8,
             max_increase=limit,
             force=args.force,

@@ -93,9 +93,8 @@ def quantize_checkpoint(
     and writes the artifact at `out` unless perplexity rose by more than `max_increase`."""
     cfg, params = trained.cfg, trained.params
     quantized = quantize(params)
-    batch = quality.eval_batch_size(cfg)
-    base = quality.perplexity(quality.jax_logits(cfg, params), rows, batch)
-    after = quality.perplexity(quality.jax_logits(cfg, quantized), rows, batch)
+    base = quality.jax_perplexity(cfg, params, rows)
+    after = quality.jax_perplexity(cfg, quantized, rows)
     prompt, new_tokens = quality.greedy_prompt(rows, cfg)
     report = Int8Report(
         base,

@@ -104,54 +104,66 @@ def save_graphs(models: Mapping[str, onnx.ModelProto], directory: Path) -> None:
             onnx.save_model(model, str(directory / file))
 
 
+class _DropAdvice(logging.Filter):
+    """ONNX Runtime's quantizer logs advice on the root logger at every call; not ours to show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
 def quantize_graphs(source: Path, target: Path) -> None:
     """ONNX Runtime's dynamic INT8: MatMul weights per output channel (activations quantized
     on the fly per tensor); attention's MatMuls, which have no constant weight, stay float."""
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its advice
-    quantized = {}
-    for file in GRAPHS.values():
-        quantize_dynamic(
-            source / file,
-            target / file,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul"],
-            extra_options={"MatMulConstBOnly": True},
-        )
-        quantized[file] = onnx.load(str(target / file))
-        (target / file).unlink()
+    quantized, advice = {}, _DropAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        for file in GRAPHS.values():
+            quantize_dynamic(
+                source / file,
+                target / file,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul"],
+                extra_options={"MatMulConstBOnly": True},
+            )
+            quantized[file] = onnx.load(str(target / file))
+            (target / file).unlink()
+    finally:
+        logging.getLogger().removeFilter(advice)
     save_graphs(quantized, target)
 
 
-def _jax_reference(trained: Trained, tokens: np.ndarray, step_tokens: np.ndarray) -> list:
-    """rtdlm.model's prefill logits and cache of `tokens`, then the logits of one more token."""
+def _parity(model: OnnxModel, trained: Trained, rows: np.ndarray) -> dict[str, float]:
+    """Max abs differences to rtdlm.model: prefill logits and cache of random tokens, the
+    logits of one decode step after them, and prefill logits of held-out rows."""
     cfg, params = trained.cfg, trained.params
+    rng = np.random.default_rng(0)
+    batch, time = 2, min(cfg.seq_len - 1, 24)
+    tokens = rng.integers(0, cfg.vocab_size, (batch, time))
+    step_tokens = rng.integers(0, cfg.vocab_size, (batch, 1))
     decoder = build_decoder(cfg)
-    batch, time = tokens.shape
     logits, cache = decoder.apply(
         params, None, jnp.asarray(tokens, jnp.int32), init_cache(cfg, batch, time + 1)
     )
     step_logits, _ = decoder.apply(params, None, jnp.asarray(step_tokens, jnp.int32), cache)
-    keys = [np.asarray(cache.k[i, :, :time]).transpose(0, 2, 1, 3) for i in range(cfg.num_layers)]
-    return [np.asarray(logits), keys, np.asarray(step_logits)]
-
-
-def _parity(model: OnnxModel, trained: Trained, rows: np.ndarray) -> dict[str, float]:
-    cfg = trained.cfg
-    rng = np.random.default_rng(0)
-    time = min(cfg.seq_len - 1, 24)
-    tokens = rng.integers(0, cfg.vocab_size, (2, time))
-    step_tokens = rng.integers(0, cfg.vocab_size, (2, 1))
-    logits, keys, step_logits = _jax_reference(trained, tokens, step_tokens)
-    onnx_logits, cache = model.prefill(tokens)
-    onnx_step, _ = model.step(step_tokens, cache)
+    onnx_logits, onnx_cache = model.prefill(tokens)
+    onnx_step, _ = model.step(step_tokens, onnx_cache)
+    # rtdlm.model's cache is [layers, batch, max_len, kv_heads, head_dim]; ONNX's, per layer
+    # and kind, [batch, kv_heads, time, head_dim] (past_key.0, past_value.0, past_key.1, ...).
+    jax_cache = [
+        np.asarray(kv[layer, :, :time]).transpose(0, 2, 1, 3)
+        for layer in range(cfg.num_layers)
+        for kv in (cache.k, cache.v)
+    ]
     held_out = rows[:2, : cfg.seq_len]
     diffs = {
-        "prefill_logits_random": float(np.abs(onnx_logits - logits).max()),
-        "cache_keys_random": max(float(np.abs(cache[2 * i] - k).max()) for i, k in enumerate(keys)),
-        "decode_logits_random": float(np.abs(onnx_step - step_logits).max()),
+        "prefill_logits_random": float(np.abs(onnx_logits - np.asarray(logits)).max()),
+        "cache_random": max(
+            float(np.abs(a - b).max()) for a, b in zip(onnx_cache, jax_cache, strict=True)
+        ),
+        "decode_logits_random": float(np.abs(onnx_step - np.asarray(step_logits)).max()),
         "prefill_logits_held_out": float(
-            np.abs(model.logits(held_out) - quality.jax_logits(cfg, trained.params)(held_out)).max()
+            np.abs(model.logits(held_out) - quality.jax_logits(cfg, params)(held_out)).max()
         ),
     }
     worst = max(diffs, key=diffs.__getitem__)
@@ -166,9 +178,15 @@ def _parity(model: OnnxModel, trained: Trained, rows: np.ndarray) -> dict[str, f
 
 
 def validate(
-    directory: Path, trained: Trained, rows: np.ndarray, int8: bool, max_increase: float
+    directory: Path,
+    trained: Trained,
+    rows: np.ndarray,
+    int8: bool,
+    max_increase: float,
+    base: quality.Perplexity,
 ) -> OnnxReport:
-    """Every check of an ONNX artifact's graphs in `directory` against `trained`."""
+    """Every check of the ONNX graphs in `directory` against `trained`, whose held-out
+    perplexity on `rows` is `base`."""
     checks = []
     for file in GRAPHS.values():
         try:
@@ -193,9 +211,7 @@ def validate(
         )
     if not int8:
         checks.append(f"greedy generation of {new_tokens} tokens identical to rtdlm.model")
-    batch = quality.eval_batch_size(cfg)
-    base = quality.perplexity(quality.jax_logits(cfg, trained.params), rows, batch)
-    measured = quality.perplexity(model.logits, rows, batch)
+    measured = quality.perplexity(model.logits, rows, quality.eval_batch_size(cfg))
     quality.check_increase("INT8 ONNX" if int8 else "ONNX", base, measured, max_increase)
     checks.append(f"held-out perplexity within {max_increase:.2%} of JAX float32")
     size = sum((directory / file).stat().st_size for file in (*GRAPHS.values(), DATA))
@@ -220,19 +236,20 @@ def export_onnx(
         }
     except UnsupportedModel as error:
         raise ExportError(str(error)) from None
+    base = quality.jax_perplexity(trained.cfg, trained.params, rows)
     reports = []
 
     def build(directory: Path) -> dict[str, Any]:
         if not int8:
             save_graphs(graphs, directory)
-            reports.append(validate(directory, trained, rows, False, max_increase))
+            reports.append(validate(directory, trained, rows, False, max_increase, base))
         else:
             with tempfile.TemporaryDirectory(dir=directory.parent) as scratch:
                 float_graphs = Path(scratch)
                 save_graphs(graphs, float_graphs)
-                validate(float_graphs, trained, rows, False, max_increase)  # what INT8 is made of
+                validate(float_graphs, trained, rows, False, max_increase, base)  # INT8's source
                 quantize_graphs(float_graphs, directory)
-            reports.append(validate(directory, trained, rows, True, max_increase))
+            reports.append(validate(directory, trained, rows, True, max_increase, base))
         return manifest(trained, tokenizer, int8, reports[0])
 
     write_artifact(out, build, tokenizer, force)
@@ -284,4 +301,12 @@ def verify_onnx(
             f"{source.get('checkpoint')}) than step {trained.source['step']} of "
             f"{trained.source['checkpoint']}: verify it against the checkpoint it came from"
         )
-    return validate(Path(path), trained, rows, bool(artifact["onnx"]["int8"]), max_increase)
+    int8 = bool(artifact["onnx"]["int8"])
+    return validate(
+        Path(path),
+        trained,
+        rows,
+        int8,
+        max_increase,
+        quality.jax_perplexity(trained.cfg, trained.params, rows),
+    )

@@ -87,6 +87,10 @@ def jax_logits(cfg: ModelConfig, params: Params) -> Logits:
     return lambda tokens: np.asarray(apply(params, None, jnp.asarray(tokens, jnp.int32)))
 
 
+def jax_perplexity(cfg: ModelConfig, params: Params, rows: np.ndarray) -> Perplexity:
+    return perplexity(jax_logits(cfg, params), rows, eval_batch_size(cfg))
+
+
 def greedy_prompt(
     rows: np.ndarray, cfg: ModelConfig, new_tokens: int = 64
 ) -> tuple[np.ndarray, int]:

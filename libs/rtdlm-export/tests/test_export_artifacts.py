@@ -172,6 +172,8 @@ def test_onnx_matches_the_model_and_generates_the_same_tokens(
     assert 0.95 * params_bytes < data_bytes < 1.1 * params_bytes  # norm scales stay inline
     graph = onnx.load(str(tmp_path / "onnx" / "decode.onnx"), load_external_data=False)
     assert {i.name for i in graph.graph.input} >= {"input_ids", "past_key.0", "past_value.1"}
+    props = {p.key: p.value for p in graph.metadata_props}  # the graph file names its model too
+    assert json.loads(props["rtdlm.model_config"]) == dataclasses.asdict(cfg)
 
 
 def test_int8_onnx_quantizes_matmul_weights_and_holds_perplexity(

@@ -21,6 +21,7 @@ from rtdlm.export.artifact import (
     ExportError,
     TokenizerSpec,
     Trained,
+    check_output,
     describe,
     model_config,
     params_sha256,
@@ -91,6 +92,7 @@ def quantize_checkpoint(
 ) -> Int8Report:
     """Quantizes `trained`, measures it on held-out `rows` [n, seq_len + 1] against float32,
     and writes the artifact at `out` unless perplexity rose by more than `max_increase`."""
+    check_output(out, force)
     cfg, params = trained.cfg, trained.params
     quantized = quantize(params)
     base = quality.jax_perplexity(cfg, params, rows)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import tempfile
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from rtdlm.export.artifact import (
     ExportError,
     TokenizerSpec,
     Trained,
+    check_output,
     describe,
     model_config,
     read_artifact,
@@ -229,6 +230,7 @@ def export_onnx(
     force: bool = False,
 ) -> OnnxReport:
     """Builds, validates and writes the ONNX artifact of `trained` at `out` (see the module)."""
+    check_output(out, force)
     try:
         graphs = {
             GRAPHS["prefill"]: decoder_graph(trained.cfg, trained.params, past=False),
@@ -244,11 +246,12 @@ def export_onnx(
             save_graphs(graphs, directory)
             reports.append(validate(directory, trained, rows, False, max_increase, base))
         else:
-            with tempfile.TemporaryDirectory(dir=directory.parent) as scratch:
-                float_graphs = Path(scratch)
-                save_graphs(graphs, float_graphs)
-                validate(float_graphs, trained, rows, False, max_increase, base)  # INT8's source
-                quantize_graphs(float_graphs, directory)
+            float_graphs = directory / "float32"  # what INT8 is made of, checked first
+            float_graphs.mkdir()
+            save_graphs(graphs, float_graphs)
+            validate(float_graphs, trained, rows, False, max_increase, base)
+            quantize_graphs(float_graphs, directory)
+            shutil.rmtree(float_graphs)
             reports.append(validate(directory, trained, rows, True, max_increase, base))
         return manifest(trained, tokenizer, int8, reports[0])
 

@@ -7,11 +7,13 @@ head_dim], the layout ONNX Runtime GenAI and Optimum use; the new position is th
 length. Batch and sequence axes are dynamic. Each block reads as the Haiku model does
 (rtdlm.model.transformer): RMSNorm, rotary attention with grouped KV heads, SwiGLU MLP.
 Matrix weights are MatMul initializers named as the parameters are, so ONNX Runtime's
-quantizer and a reader both find them.
+quantizer and a reader both find them; the model config is in the graph's metadata.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 import numpy as np
@@ -197,4 +199,5 @@ def decoder_graph(cfg: ModelConfig, params: Params, *, past: bool) -> onnx.Model
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="rtdlm-export"
     )
     model.ir_version = IR_VERSION
+    helper.set_model_props(model, {"rtdlm.model_config": json.dumps(dataclasses.asdict(cfg))})
     return model

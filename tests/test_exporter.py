@@ -40,7 +40,7 @@ def test_quantize_reports_size_perplexity_and_greedy_text(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "int8"
-    args = ["--checkpoint", str(run / "checkpoints"), "--step", "3", "--out", str(out), *EVAL]
+    args = ["--checkpoint", str(run / "checkpoints"), "--step", "best", "--out", str(out), *EVAL]
     assert exporter(["quantize", *args]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("quantized step 3: 13,902,848 -> 3,528,704 bytes (3.94x smaller)")

@@ -161,6 +161,17 @@ def test_params_only_restores_bring_the_config(tmp_path: Path) -> None:
     assert restore_params(tmp_path).config == {}
 
 
+def test_a_read_only_restore_logs_no_notice_of_being_read_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """orbax warns twice that a read-only manager is read-only; rtdlm asked for it."""
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, params=model_params())
+    with caplog.at_level(logging.INFO):
+        restore_params(tmp_path)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_corruption_is_detected_naming_the_checkpoint(tmp_path: Path, damage: str) -> None:
     params = model_params()

@@ -297,23 +297,25 @@ class CheckpointManager:
         self._failed_tmp: set[epath.Path] = set()  # removed, but stragglers may recreate them
         self._git_revision: str | None = None
         self._versions: dict[str, str] | None = None
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=PreservationPolicy(retention),
-            # Orbax records metrics, and reads them back for retention, only with a best_fn.
-            best_fn=lambda metrics: metrics.get(retention.best_metric, math.nan),
-            best_mode=retention.best_mode,
-            cleanup_tmp_directories=not read_only,
-            # Always orbax's async checkpointer: only it calls `_seal` before the commit rename.
-            enable_async_checkpointing=True,
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
-            read_only=read_only,
-            create=not read_only,
-        )
-        handlers = {item: ocp.StandardCheckpointHandler() for item in _STATE_ITEMS}
-        handlers |= {item: ocp.JsonCheckpointHandler() for item in _JSON_ITEMS}
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=handlers
-        )
+        with quiet.read_only_notices() if read_only else contextlib.nullcontext():
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=PreservationPolicy(retention),
+                # Orbax records metrics, and reads them back for retention, only with a best_fn.
+                best_fn=lambda metrics: metrics.get(retention.best_metric, math.nan),
+                best_mode=retention.best_mode,
+                cleanup_tmp_directories=not read_only,
+                # Always orbax's async checkpointer: only it calls `_seal` before the commit
+                # rename.
+                enable_async_checkpointing=True,
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
+                read_only=read_only,
+                create=not read_only,
+            )
+            handlers = {item: ocp.StandardCheckpointHandler() for item in _STATE_ITEMS}
+            handlers |= {item: ocp.JsonCheckpointHandler() for item in _JSON_ITEMS}
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=handlers
+            )
 
     # -- lifecycle ---------------------------------------------------------------------------
 

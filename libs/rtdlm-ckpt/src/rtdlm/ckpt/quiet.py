@@ -189,3 +189,25 @@ def install() -> None:
         _previous_unraisablehook = sys.unraisablehook
         sys.unraisablehook = claims.unraisable
         _installed = True
+
+
+class _ReadOnlyNotices(logging.Filter):
+    """orbax warns that a directory opened read-only is read-only (twice per manager): rtdlm
+    asked for that, for restores that must write nothing, so it is no news to the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        notice = "read_only=True" in message or message.startswith("Given directory is read only")
+        ours = record.pathname.startswith(_ORBAX_SOURCE) and record.levelno == logging.WARNING
+        return not (ours and notice)
+
+
+@contextlib.contextmanager
+def read_only_notices() -> Iterator[None]:
+    """Drops orbax's read-only notices logged while this context is open."""
+    notices, absl = _ReadOnlyNotices(), logging.getLogger("absl")
+    absl.addFilter(notices)
+    try:
+        yield
+    finally:
+        absl.removeFilter(notices)

@@ -33,7 +33,7 @@ expect() {
 }
 images="apps/exporter:image apps/trainer:image apps/trainer:image-gpu"
 expect "a lib both apps use (rtdlm-ckpt)" \
-  "$images libs/rtdlm-ckpt:dist libs/rtdlm-train:dist " \
+  "$images libs/rtdlm-ckpt:dist libs/rtdlm-export:dist libs/rtdlm-train:dist " \
   libs/rtdlm-ckpt/src/rtdlm/ckpt/retention.py
 expect "a lib only the exporter uses (rtdlm-export)" \
   "apps/exporter:image libs/rtdlm-export:dist " \

@@ -80,18 +80,19 @@ def test_a_checkpoint_loads_with_its_config_and_a_digest_of_its_weights(trained:
 def test_int8_round_trip(trained: Trained, tmp_path: Path) -> None:
     rows = held_out(CFG)
     report = int8.quantize_checkpoint(trained, rows, tmp_path / "int8", BYTES)
-    assert abs(report.increase) < 0.02 and report.int8_bytes < report.float32_bytes / 3
+    assert abs(report.vs_float32.increase) < 0.02 and report.int8_bytes < report.float32_bytes / 3
     assert leftovers(tmp_path) == ["int8"]
     cfg, params, manifest = int8.load(tmp_path / "int8")
     assert cfg == CFG and manifest["kind"] == "jax-int8"
     assert manifest["source"] == dict(trained.source) and manifest["tokenizer"] == {"kind": "bytes"}
-    assert manifest["quality"]["perplexity_int8"] == pytest.approx(report.int8.perplexity)
+    measured = report.vs_float32.measured.perplexity
+    assert manifest["quality"]["perplexity"] == pytest.approx(measured)
     expected = quantize(trained.params)
     for module in expected:
         for name, value in expected[module].items():
             np.testing.assert_array_equal(params[module][name], value)
     again = quality.jax_greedy(cfg, params, *quality.greedy_prompt(rows, cfg))
-    np.testing.assert_array_equal(again, report.greedy_int8)
+    np.testing.assert_array_equal(again, report.vs_float32.greedy_measured)
 
 
 def test_int8_that_hurts_perplexity_fails_and_writes_nothing(
@@ -148,8 +149,9 @@ def test_onnx_matches_the_model_and_generates_the_same_tokens(
     rows = held_out(cfg)
     report = onnx_export.export_onnx(trained, rows, tmp_path / "onnx", BYTES)
     assert max(report.max_abs_diff.values()) <= 1e-4
-    assert report.greedy_agreement == report.greedy_jax.size == 48  # seq 64: 16 + 48
-    assert abs(report.increase) < 1e-5
+    vs = report.vs_float32
+    assert vs.greedy_agreement == vs.greedy_reference.size == 48  # seq 64: 16 + 48
+    assert abs(vs.increase) < 1e-5
     assert len(report.checks) == 5
     model, manifest = OnnxModel.open(tmp_path / "onnx")
     assert manifest["onnx"]["opset"] == onnx_export.OPSET and manifest["validation"]["checks"]
@@ -181,7 +183,7 @@ def test_int8_onnx_quantizes_matmul_weights_and_holds_perplexity(
 ) -> None:
     rows = held_out(CFG)
     report = onnx_export.export_onnx(trained, rows, tmp_path / "onnx8", BYTES, int8=True)
-    assert report.int8 and abs(report.increase) < 0.02
+    assert report.int8 and abs(report.vs_float32.increase) < 0.02
     float_bytes = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(trained.params))
     int8_data = (tmp_path / "onnx8" / onnx_export.DATA).stat().st_size
     assert int8_data < float_bytes / 3  # INT8 matrices; the tied embedding stays float32
@@ -189,7 +191,7 @@ def test_int8_onnx_quantizes_matmul_weights_and_holds_perplexity(
     ops = Counter(node.op_type for node in graph.graph.node)
     assert ops["MatMulInteger"] == 7 * CFG.num_layers  # q k v out gate up down; tied logits float
     manifest = json.loads((tmp_path / "onnx8" / "artifact.json").read_text())
-    assert manifest["onnx"]["int8"] and manifest["validation"]["perplexity_onnx"] > 0
+    assert manifest["onnx"]["int8"] and manifest["validation"]["perplexity"] > 0
     assert onnx_export.verify_onnx(tmp_path / "onnx8", trained, rows).int8
 
 
@@ -206,7 +208,9 @@ def test_verify_refuses_an_artifact_of_another_model_or_other_weights(
 ) -> None:
     rows = held_out(CFG)
     onnx_export.export_onnx(trained, rows, tmp_path / "onnx", BYTES)
-    assert onnx_export.verify_onnx(tmp_path / "onnx", trained, rows).greedy_agreement == 48
+    assert (
+        onnx_export.verify_onnx(tmp_path / "onnx", trained, rows).vs_float32.greedy_agreement == 48
+    )
     wider = load_checkpoint(save_checkpoint(tmp_path / "wide", dataclasses.replace(CFG, d_ff=64)))
     with pytest.raises(ExportError, match=r"another model config .*d_ff: None vs 64"):
         onnx_export.verify_onnx(tmp_path / "onnx", wider, rows)

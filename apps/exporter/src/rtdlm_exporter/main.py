@@ -117,14 +117,15 @@ def export(args: argparse.Namespace) -> None:
     limit, step = args.max_ppl_increase / 100, trained.source["step"]
     if args.command == "quantize":
         q = int8.quantize_checkpoint(trained, rows, args.out, spec, limit, args.force)
+        c = q.vs_float32
         print(
             f"quantized step {step}: {q.float32_bytes:,} -> {q.int8_bytes:,} bytes "
             f"({q.float32_bytes / q.int8_bytes:.2f}x smaller)\n"
-            f"held-out perplexity ({q.float32.tokens:,} tokens): float32 "
-            f"{q.float32.perplexity:.4f} | int8 {q.int8.perplexity:.4f} ({q.increase:+.2%}, "
-            f"limit {limit:.2%})\ngreedy, float32: {text(tokenizer, q.greedy_float32)}\n"
-            f"greedy, int8:    {text(tokenizer, q.greedy_int8)} ({q.greedy_agreement} of "
-            f"{q.greedy_float32.size} tokens agree)\nwritten to {args.out}"
+            f"held-out perplexity ({c.measured.tokens:,} tokens): float32 "
+            f"{c.reference.perplexity:.4f} | int8 {c.measured.perplexity:.4f} ({c.increase:+.2%}, "
+            f"limit {limit:.2%})\ngreedy, float32: {text(tokenizer, c.greedy_reference)}\n"
+            f"greedy, int8:    {text(tokenizer, c.greedy_measured)} ({c.greedy_agreement} of "
+            f"{c.greedy_reference.size} tokens agree)\nwritten to {args.out}"
         )
         return
     if args.command == "onnx":
@@ -141,17 +142,17 @@ def export(args: argparse.Namespace) -> None:
     else:
         report = onnx_export.verify_onnx(args.onnx, trained, rows, limit)
         where = f"{args.onnx} verified against step {step}"
-    kind = "INT8" if report.int8 else "float32"
+    kind, c = "INT8" if report.int8 else "float32", report.vs_float32
     lines = [f"ONNX {kind}, opset {onnx_export.OPSET}, step {step}: {report.bytes:,} bytes"]
     if report.max_abs_diff:
         diffs = ", ".join(f"{k.replace('_', ' ')} {v:.1e}" for k, v in report.max_abs_diff.items())
         lines.append(f"max abs difference to JAX: {diffs} (limit {onnx_export.PARITY:.0e})")
     lines += [
-        f"greedy: {report.greedy_agreement} of {report.greedy_jax.size} tokens as "
-        f"rtdlm.model.generate: {text(tokenizer, report.greedy_onnx)}",
-        f"held-out perplexity ({report.onnx.tokens:,} tokens): JAX float32 "
-        f"{report.jax_float32.perplexity:.4f} | ONNX {kind} {report.onnx.perplexity:.4f} "
-        f"({report.increase:+.2%}, limit {limit:.2%})",
+        f"greedy: {c.greedy_agreement} of {c.greedy_reference.size} tokens as "
+        f"rtdlm.model.generate: {text(tokenizer, c.greedy_measured)}",
+        f"held-out perplexity ({c.measured.tokens:,} tokens): JAX float32 "
+        f"{c.reference.perplexity:.4f} | ONNX {kind} {c.measured.perplexity:.4f} "
+        f"({c.increase:+.2%}, limit {limit:.2%})",
         "checks passed: " + "; ".join(report.checks),
         where,
     ]

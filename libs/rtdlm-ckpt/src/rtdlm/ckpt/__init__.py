@@ -8,6 +8,7 @@ from rtdlm.ckpt.manager import (
     CorruptCheckpointError,
     SaveInfo,
     git_revision,
+    package_versions,
     restore_params,
 )
 from rtdlm.ckpt.retention import Retention, retained_steps
@@ -21,6 +22,7 @@ __all__ = [
     "Retention",
     "SaveInfo",
     "git_revision",
+    "package_versions",
     "restore_params",
     "retained_steps",
 ]

@@ -35,7 +35,7 @@ import shutil
 import socket
 import subprocess  # nosec B404 # only for `git rev-parse HEAD` below
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -147,8 +147,9 @@ def git_revision() -> str | None:
     return result.stdout.strip() or None
 
 
-def _versions() -> dict[str, str]:
-    names = list(_VERSIONED) + sorted(
+def package_versions(packages: Iterable[str] = _VERSIONED) -> dict[str, str]:
+    """Installed versions of `packages` and of every rtdlm-* distribution, for metadata."""
+    names = list(packages) + sorted(
         name
         for dist in importlib.metadata.distributions()
         if (name := dist.metadata["Name"] or "").startswith("rtdlm-")
@@ -519,7 +520,7 @@ class CheckpointManager:
 
     def _static_metadata(self) -> dict[str, Any]:
         if self._versions is None:
-            self._versions = _versions()
+            self._versions = package_versions()
             self._git_revision = git_revision()
         return {"versions": self._versions, "git_revision": self._git_revision}
 

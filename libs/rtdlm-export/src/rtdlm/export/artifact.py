@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -113,16 +112,6 @@ def check_output(out: Path, force: bool) -> None:
         raise ExportError(f"{out} exists; pass --force to replace it")
 
 
-def _versions() -> dict[str, str]:
-    versions = {}
-    for package in _VERSIONED:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
 def describe(
     kind: str, trained: Trained, tokenizer: TokenizerSpec, **sections: Any
 ) -> dict[str, Any]:
@@ -134,7 +123,7 @@ def describe(
         "tokenizer": dict(tokenizer.entry),
         "source": dict(trained.source),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": ckpt.package_versions(_VERSIONED),
         "git_revision": ckpt.git_revision(),
         **sections,
     }

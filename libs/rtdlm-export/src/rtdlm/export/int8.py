@@ -38,32 +38,13 @@ DEFAULT_MAX_INCREASE = 0.02  # 2% more held-out perplexity than float32
 
 @dataclass(frozen=True)
 class Int8Report:
-    float32: quality.Perplexity
-    int8: quality.Perplexity
+    vs_float32: quality.Comparison
     float32_bytes: int
     int8_bytes: int
-    greedy_float32: np.ndarray  # tokens [1, n] from the same held-out prompt
-    greedy_int8: np.ndarray
-
-    @property
-    def increase(self) -> float:
-        return quality.increase(self.float32, self.int8)
-
-    @property
-    def greedy_agreement(self) -> int:
-        return quality.agreement(self.greedy_float32, self.greedy_int8)
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "eval_tokens": self.float32.tokens,
-            "perplexity_float32": self.float32.perplexity,
-            "perplexity_int8": self.int8.perplexity,
-            "perplexity_increase": self.increase,
-            "bytes_float32": self.float32_bytes,
-            "bytes_int8": self.int8_bytes,
-            "greedy_tokens": int(self.greedy_float32.size),
-            "greedy_agreement": self.greedy_agreement,
-        }
+        sizes = {"bytes_float32": self.float32_bytes, "bytes_int8": self.int8_bytes}
+        return self.vs_float32.as_json() | sizes
 
 
 def flatten(params: Params) -> dict[str, np.ndarray]:
@@ -95,18 +76,18 @@ def quantize_checkpoint(
     check_output(out, force)
     cfg, params = trained.cfg, trained.params
     quantized = quantize(params)
-    base = quality.jax_perplexity(cfg, params, rows)
-    after = quality.jax_perplexity(cfg, quantized, rows)
     prompt, new_tokens = quality.greedy_prompt(rows, cfg)
     report = Int8Report(
-        base,
-        after,
+        quality.Comparison(
+            quality.jax_perplexity(cfg, params, rows),
+            quality.jax_perplexity(cfg, quantized, rows),
+            quality.jax_greedy(cfg, params, prompt, new_tokens),
+            quality.jax_greedy(cfg, quantized, prompt, new_tokens),
+        ),
         nbytes(params),
         nbytes(quantized),
-        quality.jax_greedy(cfg, params, prompt, new_tokens),
-        quality.jax_greedy(cfg, quantized, prompt, new_tokens),
     )
-    quality.check_increase("INT8", base, after, max_increase)
+    report.vs_float32.check("INT8", max_increase)
     manifest = describe(
         KIND,
         trained,

@@ -51,33 +51,16 @@ _ALIGN = 4096  # external tensors start on page boundaries, so runtimes can map 
 @dataclass(frozen=True)
 class OnnxReport:
     int8: bool
-    jax_float32: quality.Perplexity
-    onnx: quality.Perplexity
+    vs_float32: quality.Comparison  # ONNX Runtime against rtdlm.model in float32
     max_abs_diff: dict[str, float]  # float32 only: logits and cache, random and held-out
-    greedy_jax: np.ndarray
-    greedy_onnx: np.ndarray
     bytes: int
     checks: list[str] = field(default_factory=list)
 
-    @property
-    def increase(self) -> float:
-        return quality.increase(self.jax_float32, self.onnx)
-
-    @property
-    def greedy_agreement(self) -> int:
-        return quality.agreement(self.greedy_jax, self.greedy_onnx)
-
     def as_json(self) -> dict[str, Any]:
-        return {
+        return self.vs_float32.as_json() | {
             "int8": self.int8,
-            "eval_tokens": self.onnx.tokens,
-            "perplexity_jax_float32": self.jax_float32.perplexity,
-            "perplexity_onnx": self.onnx.perplexity,
-            "perplexity_increase": self.increase,
             "max_abs_diff": self.max_abs_diff,
             "parity_limit": None if self.int8 else PARITY,
-            "greedy_tokens": int(self.greedy_jax.size),
-            "greedy_agreement": self.greedy_agreement,
             "bytes": self.bytes,
             "checks": self.checks,
         }
@@ -201,22 +184,25 @@ def validate(
     if diffs:
         checks.append(f"float32 parity <= {PARITY:.0e}")
     prompt, new_tokens = quality.greedy_prompt(rows, cfg)
-    greedy_jax = quality.jax_greedy(cfg, trained.params, prompt, new_tokens)
-    greedy_onnx = model.generate(prompt, new_tokens)
-    same = quality.agreement(greedy_jax, greedy_onnx)
+    vs_float32 = quality.Comparison(
+        base,
+        quality.perplexity(model.logits, rows, quality.eval_batch_size(cfg)),
+        quality.jax_greedy(cfg, trained.params, prompt, new_tokens),
+        model.generate(prompt, new_tokens),
+    )
+    same = vs_float32.greedy_agreement
     if not int8 and same < new_tokens:
         raise CheckFailed(
             f"greedy generation in ONNX Runtime departs from rtdlm.model.generate at token "
-            f"{same + 1} of {new_tokens} ({greedy_onnx[0, same]} instead of "
-            f"{greedy_jax[0, same]}); nothing was written"
+            f"{same + 1} of {new_tokens} ({vs_float32.greedy_measured[0, same]} instead of "
+            f"{vs_float32.greedy_reference[0, same]}); nothing was written"
         )
     if not int8:
         checks.append(f"greedy generation of {new_tokens} tokens identical to rtdlm.model")
-    measured = quality.perplexity(model.logits, rows, quality.eval_batch_size(cfg))
-    quality.check_increase("INT8 ONNX" if int8 else "ONNX", base, measured, max_increase)
+    vs_float32.check("INT8 ONNX" if int8 else "ONNX", max_increase)
     checks.append(f"held-out perplexity within {max_increase:.2%} of JAX float32")
     size = sum((directory / file).stat().st_size for file in (*GRAPHS.values(), DATA))
-    return OnnxReport(int8, base, measured, diffs, greedy_jax, greedy_onnx, size, checks)
+    return OnnxReport(int8, vs_float32, diffs, size, checks)
 
 
 def export_onnx(

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,19 +67,46 @@ def perplexity(logits: Logits, rows: np.ndarray, batch_size: int) -> Perplexity:
     return Perplexity(total / count, count)
 
 
-def increase(base: Perplexity, other: Perplexity) -> float:
-    """Relative perplexity increase of `other` over `base` (0.01: 1% worse)."""
-    return other.perplexity / base.perplexity - 1.0
+@dataclass(frozen=True)
+class Comparison:
+    """An exported model beside float32 JAX: perplexity on the same held-out rows, and greedy
+    continuations [1, n] of the same held-out prompt."""
 
+    reference: Perplexity  # JAX float32
+    measured: Perplexity
+    greedy_reference: np.ndarray
+    greedy_measured: np.ndarray
 
-def check_increase(label: str, base: Perplexity, other: Perplexity, limit: float) -> None:
-    """Raises ExportError with both numbers when `other` is more than `limit` worse."""
-    if increase(base, other) > limit:
-        raise CheckFailed(
-            f"{label} held-out perplexity {other.perplexity:.4f} is {increase(base, other):.2%} "
-            f"above float32's {base.perplexity:.4f} (limit {limit:.2%}); nothing was written: "
-            "raise --max-ppl-increase to accept it"
-        )
+    @property
+    def increase(self) -> float:
+        """Relative perplexity increase over float32 (0.01: 1% worse)."""
+        return self.measured.perplexity / self.reference.perplexity - 1.0
+
+    @property
+    def greedy_agreement(self) -> int:
+        """How many leading greedy tokens the two share."""
+        a, b = self.greedy_reference.ravel(), self.greedy_measured.ravel()
+        differ = np.flatnonzero(a != b)
+        return int(differ[0]) if len(differ) else int(a.size)
+
+    def check(self, label: str, limit: float) -> None:
+        """Raises CheckFailed with both numbers when perplexity rose by more than `limit`."""
+        if self.increase > limit:
+            raise CheckFailed(
+                f"{label} held-out perplexity {self.measured.perplexity:.4f} is "
+                f"{self.increase:.2%} above float32's {self.reference.perplexity:.4f} (limit "
+                f"{limit:.2%}); nothing was written: raise --max-ppl-increase to accept it"
+            )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "eval_tokens": self.measured.tokens,
+            "perplexity_float32": self.reference.perplexity,
+            "perplexity": self.measured.perplexity,
+            "perplexity_increase": self.increase,
+            "greedy_tokens": int(self.greedy_reference.size),
+            "greedy_agreement": self.greedy_agreement,
+        }
 
 
 def jax_logits(cfg: ModelConfig, params: Params) -> Logits:
@@ -111,9 +139,3 @@ def jax_greedy(cfg: ModelConfig, params: Params, prompt: np.ndarray, new_tokens:
         temperature=0.0,
     )
     return np.asarray(out.tokens)
-
-
-def agreement(a: np.ndarray, b: np.ndarray) -> int:
-    """How many leading tokens two generations share."""
-    differ = np.flatnonzero(np.asarray(a).ravel() != np.asarray(b).ravel())
-    return int(differ[0]) if len(differ) else int(np.asarray(a).size)

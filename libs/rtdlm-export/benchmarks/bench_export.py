@@ -93,8 +93,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.checkpoint is not None:
-        path = args.checkpoint
-        trained = load_checkpoint(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
+        trained = load_checkpoint(args.checkpoint)
         cfg, params = trained.cfg, trained.params
     else:
         cfg = inference_config(preset(args.preset))

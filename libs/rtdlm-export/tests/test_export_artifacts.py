@@ -91,7 +91,8 @@ def test_int8_round_trip(trained: Trained, tmp_path: Path) -> None:
     for module in expected:
         for name, value in expected[module].items():
             np.testing.assert_array_equal(params[module][name], value)
-    again = quality.jax_greedy(cfg, params, *quality.greedy_prompt(rows, cfg))
+    prompt = quality.jax_reference(cfg, trained.params, rows).prompt
+    again = quality.jax_greedy(cfg, params, prompt, report.vs_float32.greedy_measured.shape[1])
     np.testing.assert_array_equal(again, report.vs_float32.greedy_measured)
 
 

@@ -77,11 +77,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def checkpoints(path: Path) -> Path:
-    """A run directory's checkpoints/, or the path as given."""
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
-
-
 def held_out(
     trained: Trained, data: Path | None, eval_tokens: int
 ) -> tuple[np.ndarray, Tokenizer, TokenizerSpec]:
@@ -112,7 +107,7 @@ def text(tokenizer: Tokenizer, tokens: np.ndarray) -> str:
 def export(args: argparse.Namespace) -> None:
     if args.command != "verify":
         check_output(args.out, args.force)  # before minutes of work
-    trained = load_checkpoint(checkpoints(args.checkpoint), args.step)
+    trained = load_checkpoint(args.checkpoint, args.step)
     rows, tokenizer, spec = held_out(trained, args.data, args.eval_tokens)
     limit, step = args.max_ppl_increase / 100, trained.source["step"]
     if args.command == "quantize":

@@ -92,8 +92,10 @@ def model_config(fields: Any, where: str) -> ModelConfig:
 
 def load_checkpoint(directory: str | os.PathLike[str], step: int | str | None = None) -> Trained:
     """The params of checkpoint `step` (default: the newest intact one; "best": the best by
-    held-out loss) of a run's checkpoints/ directory, verified, with the model config the run
-    saved beside them. Errors are ckpt.CheckpointError or ExportError."""
+    held-out loss) of a run directory or its checkpoints/, verified, with the model config the
+    run saved beside them. Errors are ckpt.CheckpointError or ExportError."""
+    if (Path(directory) / "checkpoints").is_dir():
+        directory = Path(directory) / "checkpoints"
     checkpoint = ckpt.restore_params(directory, step)  # type: ignore[arg-type]
     where = f"checkpoint step {checkpoint.step} in {directory}"
     cfg = model_config(checkpoint.config.get("model"), where)

@@ -76,13 +76,11 @@ def quantize_checkpoint(
     check_output(out, force)
     cfg, params = trained.cfg, trained.params
     quantized = quantize(params)
-    prompt, new_tokens = quality.greedy_prompt(rows, cfg)
+    reference = quality.jax_reference(cfg, params, rows)
     report = Int8Report(
-        quality.Comparison(
-            quality.jax_perplexity(cfg, params, rows),
+        reference.compare(
             quality.jax_perplexity(cfg, quantized, rows),
-            quality.jax_greedy(cfg, params, prompt, new_tokens),
-            quality.jax_greedy(cfg, quantized, prompt, new_tokens),
+            quality.jax_greedy(cfg, quantized, reference.prompt, reference.greedy.shape[1]),
         ),
         nbytes(params),
         nbytes(quantized),

@@ -118,8 +118,9 @@ def quantize_graphs(source: Path, target: Path) -> None:
 
 
 def _parity(model: OnnxModel, trained: Trained, rows: np.ndarray) -> dict[str, float]:
-    """Max abs differences to rtdlm.model: prefill logits and cache of random tokens, the
-    logits of one decode step after them, and prefill logits of held-out rows."""
+    """Max abs differences to rtdlm.model (at most PARITY, else CheckFailed): prefill logits
+    and cache of random tokens, the logits of one decode step after them, and prefill logits
+    of held-out rows."""
     cfg, params = trained.cfg, trained.params
     rng = np.random.default_rng(0)
     batch, time = 2, min(cfg.seq_len - 1, 24)
@@ -161,44 +162,58 @@ def _parity(model: OnnxModel, trained: Trained, rows: np.ndarray) -> dict[str, f
     return diffs
 
 
+def _check_graphs(directory: Path) -> list[str]:
+    for file in GRAPHS.values():
+        try:
+            onnx.checker.check_model(str(directory / file), full_check=True)
+        except onnx.checker.ValidationError as error:
+            raise CheckFailed(f"{directory / file} fails onnx.checker: {error}") from None
+    return [f"onnx.checker full check: {file}" for file in GRAPHS.values()]
+
+
+def _check_float(
+    model: OnnxModel, trained: Trained, rows: np.ndarray, reference: quality.Reference
+) -> tuple[dict[str, float], np.ndarray, list[str]]:
+    """Float32 graphs match rtdlm.model (_parity) and generate the same greedy tokens: the
+    differences, ONNX Runtime's greedy tokens, and the checks passed."""
+    diffs = _parity(model, trained, rows)
+    new_tokens = reference.greedy.shape[1]
+    greedy = model.generate(reference.prompt, new_tokens)
+    same = reference.compare(reference.perplexity, greedy).greedy_agreement
+    if same < new_tokens:
+        raise CheckFailed(
+            f"greedy generation in ONNX Runtime departs from rtdlm.model.generate at token "
+            f"{same + 1} of {new_tokens} ({greedy[0, same]} instead of "
+            f"{reference.greedy[0, same]}); nothing was written"
+        )
+    checks = [
+        f"float32 parity <= {PARITY:.0e}",
+        f"greedy generation of {new_tokens} tokens identical to rtdlm.model",
+    ]
+    return diffs, greedy, checks
+
+
 def validate(
     directory: Path,
     trained: Trained,
     rows: np.ndarray,
     int8: bool,
     max_increase: float,
-    base: quality.Perplexity,
+    reference: quality.Reference,
 ) -> OnnxReport:
-    """Every check of the ONNX graphs in `directory` against `trained`, whose held-out
-    perplexity on `rows` is `base`."""
-    checks = []
-    for file in GRAPHS.values():
-        try:
-            onnx.checker.check_model(str(directory / file), full_check=True)
-        except onnx.checker.ValidationError as error:
-            raise CheckFailed(f"{directory / file} fails onnx.checker: {error}") from None
-        checks.append(f"onnx.checker full check: {file}")
+    """Every check of the ONNX graphs in `directory` against `trained`, whose float32 JAX
+    measurements on `rows` are `reference`."""
+    checks = _check_graphs(directory)
     cfg = trained.cfg
     model = OnnxModel(directory, cfg)
-    diffs = {} if int8 else _parity(model, trained, rows)
-    if diffs:
-        checks.append(f"float32 parity <= {PARITY:.0e}")
-    prompt, new_tokens = quality.greedy_prompt(rows, cfg)
-    vs_float32 = quality.Comparison(
-        base,
-        quality.perplexity(model.logits, rows, quality.eval_batch_size(cfg)),
-        quality.jax_greedy(cfg, trained.params, prompt, new_tokens),
-        model.generate(prompt, new_tokens),
-    )
-    same = vs_float32.greedy_agreement
-    if not int8 and same < new_tokens:
-        raise CheckFailed(
-            f"greedy generation in ONNX Runtime departs from rtdlm.model.generate at token "
-            f"{same + 1} of {new_tokens} ({vs_float32.greedy_measured[0, same]} instead of "
-            f"{vs_float32.greedy_reference[0, same]}); nothing was written"
-        )
-    if not int8:
-        checks.append(f"greedy generation of {new_tokens} tokens identical to rtdlm.model")
+    diffs: dict[str, float] = {}
+    if int8:
+        greedy = model.generate(reference.prompt, reference.greedy.shape[1])
+    else:
+        diffs, greedy, float_checks = _check_float(model, trained, rows, reference)
+        checks += float_checks
+    measured = quality.perplexity(model.logits, rows, quality.eval_batch_size(cfg))
+    vs_float32 = reference.compare(measured, greedy)
     vs_float32.check("INT8 ONNX" if int8 else "ONNX", max_increase)
     checks.append(f"held-out perplexity within {max_increase:.2%} of JAX float32")
     size = sum((directory / file).stat().st_size for file in (*GRAPHS.values(), DATA))
@@ -224,21 +239,22 @@ def export_onnx(
         }
     except UnsupportedModel as error:
         raise ExportError(str(error)) from None
-    base = quality.jax_perplexity(trained.cfg, trained.params, rows)
+    reference = quality.jax_reference(trained.cfg, trained.params, rows)
     reports = []
 
     def build(directory: Path) -> dict[str, Any]:
         if not int8:
             save_graphs(graphs, directory)
-            reports.append(validate(directory, trained, rows, False, max_increase, base))
+            reports.append(validate(directory, trained, rows, False, max_increase, reference))
         else:
             float_graphs = directory / "float32"  # what INT8 is made of, checked first
             float_graphs.mkdir()
             save_graphs(graphs, float_graphs)
-            validate(float_graphs, trained, rows, False, max_increase, base)
+            _check_graphs(float_graphs)
+            _check_float(OnnxModel(float_graphs, trained.cfg), trained, rows, reference)
             quantize_graphs(float_graphs, directory)
             shutil.rmtree(float_graphs)
-            reports.append(validate(directory, trained, rows, True, max_increase, base))
+            reports.append(validate(directory, trained, rows, True, max_increase, reference))
         return manifest(trained, tokenizer, int8, reports[0])
 
     write_artifact(out, build, tokenizer, force)
@@ -291,11 +307,5 @@ def verify_onnx(
             f"{trained.source['checkpoint']}: verify it against the checkpoint it came from"
         )
     int8 = bool(artifact["onnx"]["int8"])
-    return validate(
-        Path(path),
-        trained,
-        rows,
-        int8,
-        max_increase,
-        quality.jax_perplexity(trained.cfg, trained.params, rows),
-    )
+    reference = quality.jax_reference(trained.cfg, trained.params, rows)
+    return validate(Path(path), trained, rows, int8, max_increase, reference)

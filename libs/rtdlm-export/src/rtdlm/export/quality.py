@@ -119,15 +119,6 @@ def jax_perplexity(cfg: ModelConfig, params: Params, rows: np.ndarray) -> Perple
     return perplexity(jax_logits(cfg, params), rows, eval_batch_size(cfg))
 
 
-def greedy_prompt(
-    rows: np.ndarray, cfg: ModelConfig, new_tokens: int = 64
-) -> tuple[np.ndarray, int]:
-    """A held-out prompt [1, prompt_len] and how many tokens to continue it by (64 where the
-    context allows, else what fits)."""
-    prompt_len = min(16, cfg.seq_len // 2)
-    return rows[:1, :prompt_len], min(new_tokens, cfg.seq_len - prompt_len)
-
-
 def jax_greedy(cfg: ModelConfig, params: Params, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
     """rtdlm.model.generate at temperature 0: the tokens [batch, new_tokens]."""
     out = generate(
@@ -139,3 +130,24 @@ def jax_greedy(cfg: ModelConfig, params: Params, prompt: np.ndarray, new_tokens:
         temperature=0.0,
     )
     return np.asarray(out.tokens)
+
+
+class Reference(NamedTuple):
+    """The float32 JAX model on the held-out rows, measured once per export: what every
+    exported model is compared with."""
+
+    perplexity: Perplexity
+    prompt: np.ndarray  # [1, prompt_len] held-out tokens
+    greedy: np.ndarray  # [1, new_tokens]: rtdlm.model.generate's greedy continuation
+
+    def compare(self, perplexity: Perplexity, greedy: np.ndarray) -> Comparison:
+        return Comparison(self.perplexity, perplexity, self.greedy, greedy)
+
+
+def jax_reference(cfg: ModelConfig, params: Params, rows: np.ndarray) -> Reference:
+    """Perplexity on `rows`, and the greedy continuation of a held-out prompt: 16 tokens (half
+    the context if shorter) continued by 64 (what fits, if fewer)."""
+    prompt_len = min(16, cfg.seq_len // 2)
+    prompt, new_tokens = rows[:1, :prompt_len], min(64, cfg.seq_len - prompt_len)
+    greedy = jax_greedy(cfg, params, prompt, new_tokens)
+    return Reference(jax_perplexity(cfg, params, rows), prompt, greedy)

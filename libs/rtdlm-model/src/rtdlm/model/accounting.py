@@ -66,20 +66,20 @@ def activation_values_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Values one block keeps for the backward pass, per token, under cfg.remat.
 
     Counted from the block's code: norms, q/k/v before and after rotation, attention scores and
-    probabilities (XLA materialises them), projections and the four SwiGLU tensors. "full" keeps
-    only the block input; "dots_saveable" keeps only matmul outputs.
+    probabilities (dense attention materialises them; blocked attention keeps its output and a
+    log-sum-exp per head instead), projections and the four SwiGLU tensors. "full" keeps only
+    the block input; "dots_saveable" keeps only matmul outputs.
     """
-    d, kv, ffn, scores = (
-        cfg.d_model,
-        cfg.num_kv_heads * cfg.head_dim,
-        cfg.ffn_dim,
-        cfg.num_heads * seq_len,
-    )
+    d, kv, ffn = cfg.d_model, cfg.num_kv_heads * cfg.head_dim, cfg.ffn_dim
+    if cfg.attention == "blocked":
+        probabilities, scores = d + cfg.num_heads, 0  # output and log-sum-exp; no T x T
+    else:
+        probabilities = scores = cfg.num_heads * seq_len
     if cfg.remat == "full":
         return d
     if cfg.remat == "dots_saveable":
         return 4 * d + 2 * kv + 2 * ffn + scores
-    return 9 * d + 3 * kv + 4 * ffn + 2 * scores
+    return 9 * d + 3 * kv + 4 * ffn + scores + probabilities
 
 
 def memory_estimate(

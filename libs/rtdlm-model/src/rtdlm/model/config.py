@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")  # auto: let JAX choose for the backend
+# blocked: causal query blocks against their key prefix (rtdlm.model.attention), the CPU's
+# fastest; xla and cudnn: jax.nn.dot_product_attention with a dense mask; auto: JAX chooses.
+ATTENTION_IMPLS = ("blocked", "xla", "cudnn", "auto")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 
 
@@ -26,7 +28,8 @@ class ModelConfig:
     rope_base: float = 10_000.0
     tie_embeddings: bool = True
     compute_dtype: str = "float32"  # parameters always stay float32; logits and loss too
-    attention: str = "xla"
+    attention: str = "blocked"
+    attention_block: int = 128  # query rows per block of blocked attention
     remat: str = "none"
     norm_eps: float = 1e-6
     moe_every: int = 0  # every N-th block's MLP is a mixture of experts; 0: none
@@ -37,7 +40,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         sizes = ("d_model", "num_layers", "num_heads", "num_kv_heads", "seq_len", "vocab_size")
-        for name in (*sizes, "rope_base", "norm_eps", "num_experts", "experts_per_token"):
+        positive = ("rope_base", "norm_eps", "num_experts", "experts_per_token", "attention_block")
+        for name in (*sizes, *positive):
             if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.d_ff is not None and self.d_ff <= 0:

@@ -17,12 +17,14 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from rtdlm.model.attention import blocked_causal_attention
 from rtdlm.model.config import ModelConfig
-from rtdlm.model.linear import Embedding, linear
+from rtdlm.model.linear import Embedding, linear, linears
 from rtdlm.model.moe import MoEStats, moe_mlp
 from rtdlm.model.partitioning import constrain
 
 REMAT = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
+DENSE_IMPLEMENTATION = {"xla": "xla", "cudnn": "cudnn", "auto": None, "blocked": "xla"}
 
 
 def rms_norm(x: jax.Array, cfg: ModelConfig, name: str) -> jax.Array:
@@ -52,19 +54,25 @@ class KVCache(NamedTuple):
 LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k, v, length) of one layer
 
 
+class Context(NamedTuple):
+    """Where each token sits and what it may attend to, shared by every block."""
+
+    positions: jax.Array  # [batch, time], restarting at 0 in each packed document
+    segment_ids: jax.Array | None  # training: causal attention within each document
+    mask: jax.Array | None  # decoding: [batch, 1, time, cache length], what each query sees
+
+
 def causal_self_attention(
     x: jax.Array,
-    positions: jax.Array,
-    mask: jax.Array | None,
+    ctx: Context,
     cfg: ModelConfig,
     cache: LayerCache | None = None,
 ) -> tuple[jax.Array, LayerCache | None]:
     batch, time, _ = x.shape
-    q = linear(x, cfg.num_heads * cfg.head_dim, "query")
-    k = linear(x, cfg.num_kv_heads * cfg.head_dim, "key")
-    v = linear(x, cfg.num_kv_heads * cfg.head_dim, "value")
-    q = apply_rotary(q.reshape(batch, time, cfg.num_heads, cfg.head_dim), positions, cfg.rope_base)
-    k = apply_rotary(k.reshape(batch, time, cfg.num_kv_heads, -1), positions, cfg.rope_base)
+    q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    q, k, v = linears(x, [("query", q_size), ("key", kv_size), ("value", kv_size)])
+    q = apply_rotary(q.reshape(batch, time, cfg.num_heads, -1), ctx.positions, cfg.rope_base)
+    k = apply_rotary(k.reshape(batch, time, cfg.num_kv_heads, -1), ctx.positions, cfg.rope_base)
     v = v.reshape(batch, time, cfg.num_kv_heads, cfg.head_dim)
     q, k, v = (constrain(a, "batch", "length", "act_heads", None) for a in (q, k, v))
     if (
@@ -74,35 +82,40 @@ def causal_self_attention(
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, length, 0, 0))
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, length, 0, 0))
         cache = (k, v, length)
-    # Grouped-query attention: dot_product_attention shares each kv head across its query group.
-    y = jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        mask=mask,
-        is_causal=mask is None,
-        implementation=None if cfg.attention == "auto" else cfg.attention,  # type: ignore[arg-type]
-    )
+    mask, segment_ids = ctx.mask, ctx.segment_ids
+    if mask is None and cfg.attention == "blocked":
+        segments = jnp.zeros((batch, time), jnp.int32) if segment_ids is None else segment_ids
+        y = blocked_causal_attention(q, k, v, segments, cfg.attention_block)
+    else:
+        if mask is None and segment_ids is not None:
+            mask = attention_mask(segment_ids)
+        # Grouped-query attention: each kv head serves its group of query heads.
+        y = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=mask is None,
+            implementation=DENSE_IMPLEMENTATION[cfg.attention],  # type: ignore[arg-type]
+        )
     return linear(y.reshape(batch, time, -1), cfg.d_model, "out"), cache
 
 
 def swiglu_mlp(x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    gate = linear(x, cfg.ffn_dim, "gate")
-    up = linear(x, cfg.ffn_dim, "up")
+    gate, up = linears(x, [("gate", cfg.ffn_dim), ("up", cfg.ffn_dim)])
     hidden = constrain(jax.nn.silu(gate) * up, "batch", "length", "act_mlp")
     return linear(hidden, cfg.d_model, "down")
 
 
 def block(
     x: jax.Array,
-    positions: jax.Array,
-    mask: jax.Array | None,
+    ctx: Context,
     cfg: ModelConfig,
     use_moe: bool,
     cache: LayerCache | None = None,
 ) -> tuple[jax.Array, LayerCache | None, MoEStats]:
     attn = hk.to_module(causal_self_attention)(name="attn")
-    y, cache = attn(rms_norm(x, cfg, "attn_norm"), positions, mask, cfg, cache)
+    y, cache = attn(rms_norm(x, cfg, "attn_norm"), ctx, cfg, cache)
     x = constrain(x + y, "batch", "length", "act_embed")
     if use_moe:
         y, stats = hk.to_module(moe_mlp)(name="moe")(rms_norm(x, cfg, "mlp_norm"), cfg)
@@ -131,8 +144,7 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 def apply_block(
     name: str,
     x: jax.Array,
-    positions: jax.Array,
-    mask: jax.Array | None,
+    ctx: Context,
     cfg: ModelConfig,
     use_moe: bool,
     cache: LayerCache | None,
@@ -140,8 +152,8 @@ def apply_block(
     """One block as the module `name`; in training, rematerialised under cfg.remat."""
     layer_fn = hk.to_module(block)(name=name)
     if cache is None and cfg.remat != "none":
-        layer_fn = hk.remat(layer_fn, policy=REMAT[cfg.remat], static_argnums=(3, 4))
-    return layer_fn(x, positions, mask, cfg, use_moe, cache)
+        layer_fn = hk.remat(layer_fn, policy=REMAT[cfg.remat], static_argnums=(2, 3))
+    return layer_fn(x, ctx, cfg, use_moe, cache)
 
 
 KV = tuple[jax.Array, jax.Array]  # keys and values of consecutive layers, [layers, ...] each
@@ -149,8 +161,7 @@ KV = tuple[jax.Array, jax.Array]  # keys and values of consecutive layers, [laye
 
 def run_blocks(
     x: jax.Array,
-    positions: jax.Array,
-    mask: jax.Array | None,
+    ctx: Context,
     cfg: ModelConfig,
     names: list[str],
     cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
@@ -161,7 +172,7 @@ def run_blocks(
     for i, name in enumerate(names):
         layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache[2])
         x, layer_cache, layer_stats = apply_block(
-            name, x, positions, mask, cfg, cfg.is_moe_layer(i), layer_cache
+            name, x, ctx, cfg, cfg.is_moe_layer(i), layer_cache
         )
         stats = MoEStats(*(a + b for a, b in zip(stats, layer_stats, strict=True)))
         if layer_cache is not None:
@@ -179,8 +190,7 @@ def scan_slots(cfg: ModelConfig) -> list[str]:
 
 def scanned_blocks(
     x: jax.Array,
-    positions: jax.Array,
-    mask: jax.Array | None,
+    ctx: Context,
     cfg: ModelConfig,
     cache: KVCache | None,
 ) -> tuple[jax.Array, KV | None, MoEStats]:
@@ -197,7 +207,7 @@ def scanned_blocks(
     ) -> tuple[tuple[jax.Array, MoEStats], KV | None]:
         x, stats = carry
         group_cache = (kv[0], kv[1], cache.length) if cache is not None else None
-        x, kv_out, group_stats = run_blocks(x, positions, mask, cfg, scan_slots(cfg), group_cache)
+        x, kv_out, group_stats = run_blocks(x, ctx, cfg, scan_slots(cfg), group_cache)
         return (x, MoEStats(*(a + b for a, b in zip(stats, group_stats, strict=True)))), kv_out
 
     # Caches [layers, ...] as [groups, size, ...]: one group's slice per scan step.
@@ -212,8 +222,7 @@ def scanned_blocks(
 
 def transformer(
     tokens: jax.Array,
-    positions: jax.Array,
-    mask: jax.Array | None,
+    ctx: Context,
     cfg: ModelConfig,
     cache: KVCache | None = None,
 ) -> tuple[jax.Array, KVCache | None, MoEStats]:
@@ -231,10 +240,10 @@ def transformer(
         embed = Embedding(cfg.vocab_size, cfg.d_model)
         x = constrain(embed(tokens, compute), "batch", "length", "act_embed")
         if cfg.scan_layers:
-            x, kv, stats = scanned_blocks(x, positions, mask, cfg, cache)
+            x, kv, stats = scanned_blocks(x, ctx, cfg, cache)
         else:  # every block traced on its own, as modules block_0 ... block_{L-1}
             names = [f"block_{layer}" for layer in range(cfg.num_layers)]
-            x, kv, stats = run_blocks(x, positions, mask, cfg, names, cache)
+            x, kv, stats = run_blocks(x, ctx, cfg, names, cache)
         x = rms_norm(x, cfg, "final_norm")
         tied = cfg.tie_embeddings
         logits = embed.unembed(x) if tied else linear(x, cfg.vocab_size, "unembed")
@@ -253,10 +262,9 @@ def forward_with_stats(
     one's positions start at 0."""
     if segment_ids is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, _, stats = transformer(tokens, positions, None, cfg)
     else:
-        positions, mask = segment_positions(segment_ids), attention_mask(segment_ids)
-        logits, _, stats = transformer(tokens, positions, mask, cfg)
+        positions = segment_positions(segment_ids)
+    logits, _, stats = transformer(tokens, Context(positions, segment_ids, None), cfg)
     return logits, stats
 
 
@@ -279,7 +287,7 @@ def decode(tokens: jax.Array, cfg: ModelConfig, cache: KVCache) -> tuple[jax.Arr
     query_positions = cache.length + jnp.arange(time)
     mask = (jnp.arange(max_len)[None, :] <= query_positions[:, None])[None, None]
     positions = jnp.broadcast_to(query_positions, tokens.shape)
-    logits, new_cache, _ = transformer(tokens, positions, mask, cfg, cache)
+    logits, new_cache, _ = transformer(tokens, Context(positions, None, mask), cfg, cache)
     assert new_cache is not None  # nosec B101 # narrows a type; decoding always returns caches
     return logits, new_cache
 

@@ -1,0 +1,164 @@
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rtdlm.model import ModelConfig, build
+from rtdlm.model.attention import blocked_causal_attention, dense_causal_attention
+from rtdlm.model.linear import dot
+
+SMALL = ModelConfig(
+    d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=16, vocab_size=64
+)
+
+
+def packed_segments(rng: np.random.Generator, batch: int, time: int) -> np.ndarray:
+    """Rows of documents 1, 2, ... of random lengths, some ending in padding (0)."""
+    rows = []
+    for _ in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, time + 1), size=rng.integers(1, 4)))
+        ids = np.searchsorted(cuts, np.arange(time), side="right") + 1
+        ids[ids > len(cuts)] = 0  # after the last document: padding
+        rows.append(ids)
+    return np.stack(rows).astype(np.int32)
+
+
+Attention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def qkv(
+    seed: int, batch: int, time: int, heads: int, kv_heads: int, head_dim: int, dtype: Any
+) -> list[jax.Array]:
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    shapes = [(batch, time, heads, head_dim)] + [(batch, time, kv_heads, head_dim)] * 2
+    return [
+        jax.random.normal(k, s, jnp.float32).astype(dtype)
+        for k, s in zip(keys, shapes, strict=False)
+    ]
+
+
+def squared_sum(attention: Attention) -> Attention:
+    return lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32) ** 2)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    time=st.integers(1, 33),
+    kv_heads=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 3]),
+    head_dim=st.sampled_from([2, 8]),
+    block=st.integers(4, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_blocked_attention_matches_dense_values_and_gradients(
+    batch: int, time: int, kv_heads: int, group: int, head_dim: int, block: int, seed: int
+) -> None:
+    q, k, v = qkv(seed, batch, time, kv_heads * group, kv_heads, head_dim, jnp.float32)
+    segments = jnp.asarray(packed_segments(np.random.default_rng(seed), batch, time))
+
+    def blocked(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return blocked_causal_attention(q, k, v, segments, block)
+
+    def dense(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return dense_causal_attention(q, k, v, segments)
+
+    np.testing.assert_allclose(jax.jit(blocked)(q, k, v), dense(q, k, v), atol=2e-6, rtol=2e-5)
+    grads = jax.jit(jax.grad(squared_sum(blocked), argnums=(0, 1, 2)))(q, k, v)
+    expected = jax.grad(squared_sum(dense), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4)
+
+
+def test_blocked_attention_in_bfloat16_stays_close_to_float32() -> None:
+    q, k, v = qkv(0, 2, 64, 4, 2, 16, jnp.bfloat16)
+    segments = jnp.asarray(packed_segments(np.random.default_rng(0), 2, 64))
+
+    def blocked(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return blocked_causal_attention(q, k, v, segments, 16)
+
+    out = jax.jit(blocked)(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    reference = dense_causal_attention(f32[0], f32[1], f32[2], segments)
+    np.testing.assert_allclose(out.astype(jnp.float32), reference, atol=3e-2)
+    grads = jax.jit(jax.grad(squared_sum(blocked), argnums=(0, 1, 2)))(q, k, v)
+
+    def dense(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return dense_causal_attention(q, k, v, segments)
+
+    expected = jax.grad(squared_sum(dense), argnums=(0, 1, 2))(*f32)
+    for got, want in zip(grads, expected, strict=True):
+        assert got.dtype == jnp.bfloat16
+        scale = float(jnp.max(jnp.abs(want)))
+        assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) < 0.03 * scale
+
+
+def test_model_logits_and_gradients_are_the_same_blocked_or_dense() -> None:
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, SMALL.seq_len), 0, SMALL.vocab_size)
+    segments = jnp.asarray(packed_segments(np.random.default_rng(1), 2, SMALL.seq_len))
+    blocked = build(dataclasses.replace(SMALL, attention="blocked", attention_block=4))
+    dense = build(dataclasses.replace(SMALL, attention="xla"))
+    params = blocked.init(jax.random.PRNGKey(0), tokens)
+    for segment_ids in (None, segments):
+        np.testing.assert_allclose(
+            jax.jit(blocked.apply)(params, None, tokens, segment_ids),
+            jax.jit(dense.apply)(params, None, tokens, segment_ids),
+            atol=1e-5,
+        )
+
+    def loss(model: hk.Transformed) -> Callable[[hk.Params], jax.Array]:
+        return lambda p: jnp.mean(model.apply(p, None, tokens, segments) ** 2)
+
+    got, want = jax.jit(jax.grad(loss(blocked)))(params), jax.jit(jax.grad(loss(dense)))(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def dot_operand_dtypes(fn: Callable[..., Any], *args: Any) -> set[tuple[str, ...]]:
+    """The (lhs, rhs) dtypes of every dot_general in fn's jaxpr, nested calls included."""
+    found: set[tuple[str, ...]] = set()
+
+    def visit(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_every_training_dot_in_bfloat16_reads_bfloat16() -> None:
+    """Forward and backward: a float32 operand would send the dot to the slower f32 kernel."""
+    cfg = dataclasses.replace(SMALL, compute_dtype="bfloat16", attention_block=4)
+    model = build(cfg)
+    tokens = jnp.zeros((2, cfg.seq_len), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), tokens)
+    segments = jnp.ones_like(tokens)
+    grad = jax.grad(lambda p: jnp.mean(model.apply(p, None, tokens, segments)))
+    assert dot_operand_dtypes(grad, params) == {("bfloat16", "bfloat16")}
+
+
+def test_low_precision_dot_gradients_follow_float32() -> None:
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 16))
+    w = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
+
+    def loss(x: jax.Array, w: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.sin(dot(x, w).astype(jnp.float32)))
+
+    dx, dw = jax.grad(loss, (0, 1))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    want_dx, want_dw = jax.grad(loss, (0, 1))(x, w)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(dx.astype(jnp.float32), want_dx, atol=0.15)
+    np.testing.assert_allclose(dw.astype(jnp.float32), want_dw, atol=0.3)
+    assert dot(x, w).dtype == jnp.float32  # float32 stays the plain, exact jnp.dot
+    np.testing.assert_array_equal(dot(x, w), jnp.dot(x, w))

@@ -1,0 +1,1 @@
+"""RT-DLM benchmark suite."""

@@ -1,0 +1,307 @@
+"""RT-DLM's benchmark suite: everything that decides training speed, measured in one run.
+
+Run: ./pants run benchmarks -- [--out results.json] [--presets tiny small] [--steps 5]
+
+Sections: matmul ceilings (float32, bf16 in / float32 out, bf16 in / bf16 out); training steps
+of each preset in float32 and bfloat16 (tokens/s, MFU, step p50/p95, compile time) with the
+variants alternated step by step and a float32 matmul probe beside every step; a second
+process compiling the same step against the first one's persistent compilation cache; the
+data pipeline's batches/s over what training consumes; async checkpoint blocking as a
+fraction of a step; checkpoint restore throughput over a raw read of the same bytes; decode
+tokens/s with the KV cache. Machine speed drifts by up to 1.6x between runs, so compare
+ratios taken within one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rtdlm.ckpt import CheckpointManager
+from rtdlm.model import build, build_with_stats, flops_per_token, generate
+from rtdlm.train import Batch, resolve
+from rtdlm.train.config import RunConfig, for_first_start
+from rtdlm.train.data import split_documents, stdlib_documents
+from rtdlm.train.loop import TrainState, init_state, make_optimizer, make_train_step
+from rtdlm.train.pipeline import Prefetch, packed_batches
+
+BATCH = {"tiny": (16, 256), "small": (4, 1024), "medium": (1, 2048), "large": (1, 2048)}
+DTYPES = ("float32", "bfloat16")
+
+
+def best_seconds(fn: Any, *args: Any, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_probe(
+    dtype: str = "float32", out: str = "float32", n: int = 1024, repeats: int = 2
+) -> float:
+    """FLOP/s of an n x n dot with `dtype` inputs and an `out` result."""
+    a = jnp.ones((n, n), dtype)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.dtype(out)))
+    return 2.0 * n**3 / best_seconds(dot, a, a, repeats=repeats)
+
+
+def matmul_ceilings(rounds: int) -> dict[str, float]:
+    """GFLOP/s of 2048 x 2048 dots, the three forms alternated round by round (medians)."""
+    forms = {"float32": ("float32", "float32"), "bf16->f32": ("bfloat16", "float32")}
+    forms["bf16->bf16"] = ("bfloat16", "bfloat16")
+    seen: dict[str, list[float]] = {name: [] for name in forms}
+    for _ in range(rounds):
+        for name, (dtype, out) in forms.items():
+            seen[name].append(matmul_probe(dtype, out, n=2048, repeats=3) / 1e9)
+    return {name: statistics.median(values) for name, values in seen.items()}
+
+
+def run_config(preset: str, dtype: str, steps: int) -> RunConfig:
+    batch, seq = BATCH[preset]
+    sets = [f"data.batch_size={batch}", f"model.seq_len={seq}", f"model.compute_dtype={dtype}"]
+    sets += [f"train.max_steps={steps + 1}", "metrics.enabled=false"]
+    return for_first_start(resolve(preset, sets=sets))
+
+
+def batches(cfg: RunConfig, count: int) -> list[Batch]:
+    stream = packed_batches(DATA.train, cfg.data.batch_size, cfg.model.seq_len, 0)
+    return [Batch(tokens, segments) for tokens, segments, _ in itertools.islice(stream, count)]
+
+
+def compile_step(cfg: RunConfig) -> tuple[Any, TrainState, float]:
+    """The trainer's step, its state and the seconds its first call took (trace + compile)."""
+    model = build_with_stats(cfg.model)
+    optimizer = make_optimizer(cfg.optimizer)
+    state = init_state(model, optimizer, cfg)
+    step = make_train_step(model, optimizer, cfg)
+    start = time.perf_counter()
+    state, metrics = step(state, batches(cfg, 1)[0])
+    jax.block_until_ready(metrics.loss)
+    return step, state, time.perf_counter() - start
+
+
+def training(presets: list[str], dtypes: list[str], steps: int) -> list[dict[str, Any]]:
+    """Every (preset, dtype) compiled, then their steps alternated round-robin, each followed
+    by a float32 matmul probe: MFU is model FLOP/s over the probe's FLOP/s."""
+    runs: list[dict[str, Any]] = []
+    for preset, dtype in itertools.product(presets, dtypes):
+        cfg = run_config(preset, dtype, steps)
+        step, state, compile_s = compile_step(cfg)
+        runs.append(
+            {
+                "cfg": cfg,
+                "step": step,
+                "state": state,
+                "compile s": compile_s,
+                "batches": batches(cfg, steps),
+                "seconds": [],
+                "mfu": [],
+            }
+        )
+    for i in range(steps):
+        for run in runs:
+            start = time.perf_counter()
+            run["state"], metrics = run["step"](run["state"], run["batches"][i])
+            jax.block_until_ready(metrics.loss)
+            seconds = time.perf_counter() - start
+            cfg = run["cfg"]
+            tokens = cfg.data.batch_size * cfg.model.seq_len
+            run["seconds"].append(seconds)
+            run["mfu"].append(flops_per_token(cfg.model) * tokens / seconds / matmul_probe())
+    rows = []
+    for run in runs:
+        cfg, times = run["cfg"], sorted(run["seconds"])
+        tokens = cfg.data.batch_size * cfg.model.seq_len
+        p50 = statistics.median(times)
+        rows.append(
+            {
+                "preset": cfg.preset,
+                "dtype": cfg.model.compute_dtype,
+                "batch": f"{cfg.data.batch_size} x {cfg.model.seq_len}",
+                "tokens/s": tokens / p50,
+                "MFU": statistics.median(run["mfu"]),
+                "step p50 s": p50,
+                "step p95 s": float(np.percentile(times, 95)),
+                "compile s": run["compile s"],
+            }
+        )
+        del run["state"]
+    return rows
+
+
+def _compile_in_fresh_process(preset: str, cache_dir: str) -> float:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # as the Trainer does
+    return compile_step(run_config(preset, "float32", 1))[2]
+
+
+def compile_cache(preset: str) -> dict[str, Any]:
+    """Trace + compile seconds of the step in a new process with an empty persistent cache,
+    then in another new process that finds the first one's cache (a restarted run)."""
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as cache, context.Pool(1, maxtasksperchild=1) as pool:
+        cold = pool.apply(_compile_in_fresh_process, (preset, cache))
+        warm = pool.apply(_compile_in_fresh_process, (preset, cache))
+    return {"preset": preset, "first start s": cold, "restart s": warm}
+
+
+def pipeline_headroom(preset: str, steps_per_second: float, seconds: float = 3.0) -> dict[str, Any]:
+    """Batches/s the prefetched pipeline delivers alone, over the steps/s training takes."""
+    cfg = run_config(preset, "float32", 1)
+    stream = packed_batches(DATA.train, cfg.data.batch_size, cfg.model.seq_len, 0)
+    source = Prefetch(stream, cfg.data.prefetch)
+    next(source)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(source)
+        count += 1
+    source.close()
+    rate = count / (time.perf_counter() - start)
+    return {"preset": preset, "batches/s": rate, "headroom": rate / steps_per_second}
+
+
+def _raw_read(arrays: list[np.ndarray], directory: Path) -> float:
+    for i, array in enumerate(arrays):
+        with open(directory / f"{i}.bin", "wb") as f:
+            f.write(array.tobytes())
+            os.fsync(f.fileno())
+    start = time.perf_counter()
+    for i, array in enumerate(arrays):
+        np.fromfile(directory / f"{i}.bin", dtype=array.dtype)
+    return time.perf_counter() - start
+
+
+def checkpoints(preset: str, step_seconds: float, rounds: int) -> dict[str, Any]:
+    """For the preset's real train state: how long an async save holds the caller, over one
+    step; and restore throughput over plain reads of the same bytes, alternated."""
+    cfg = run_config(preset, "float32", 1)
+    model = build_with_stats(cfg.model)
+    state = init_state(model, make_optimizer(cfg.optimizer), cfg)
+    arrays = [np.asarray(a) for a in jax.tree.leaves((state.params, state.opt_state))]
+    size = sum(a.nbytes for a in arrays)
+    blocking, ratios = [], []
+    with (
+        tempfile.TemporaryDirectory() as work,
+        CheckpointManager(Path(work) / "checkpoints") as manager,
+    ):
+        for r in range(rounds):
+            info = manager.save(r, params=state.params, opt_state=state.opt_state)
+            blocking.append(info.blocking_seconds)
+            manager.wait()
+            start = time.perf_counter()
+            manager.restore(r, params=state.params, opt_state=state.opt_state)
+            restore_s = time.perf_counter() - start
+            raw_dir = Path(work) / f"raw{r}"
+            raw_dir.mkdir()
+            ratios.append(_raw_read(arrays, raw_dir) / restore_s)
+    return {
+        "preset": preset,
+        "bytes": size,
+        "save blocking / step": statistics.median(blocking) / step_seconds,
+        "restore / raw read": statistics.median(ratios),
+    }
+
+
+def decoding(preset: str, new_tokens: int = 64, prompt_len: int = 64) -> dict[str, Any]:
+    """Tokens/s of rtdlm.model.generate (KV cache, greedy), batch 1, after one warm-up."""
+    cfg = run_config(preset, "float32", 1).model
+    params = build(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    prompt = jnp.asarray(batches(run_config(preset, "float32", 1), 1)[0].tokens[:1, :prompt_len])
+    run = lambda: generate(  # noqa: E731
+        params,
+        prompt,
+        jax.random.PRNGKey(0),
+        cfg=cfg,
+        max_new_tokens=new_tokens,
+        temperature=0.0,
+    ).tokens
+    seconds = best_seconds(run, repeats=2)
+    return {"preset": preset, "tokens/s": new_tokens / seconds}
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+        if line.startswith("model name")
+    ]
+    model = names[0] if names else platform.processor()
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def table(title: str, rows: list[dict[str, Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.0f}"
+        return str(value)
+
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(cell(r[k])) for r in rows)) for k in keys]
+    lines = [title, "  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=False))]
+    lines += [
+        "  ".join(cell(r[k]).rjust(w) for k, w in zip(keys, widths, strict=False)) for r in rows
+    ]
+    return "\n".join(lines)
+
+
+DATA = split_documents(stdlib_documents())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=list(BATCH))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--rounds", type=int, default=3, help="matmul and checkpoint rounds")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"machine": machine()}
+    print(table("machine", [results["machine"]]), flush=True)
+    results["matmul GFLOP/s"] = matmul_ceilings(args.rounds)
+    print(table("\nmatmul ceilings, GFLOP/s (2048 x 2048)", [results["matmul GFLOP/s"]]))
+    results["training"] = training(args.presets, args.dtypes, args.steps)
+    print(table("\ntraining (alternated; MFU against a float32 probe)", results["training"]))
+    step_s = {r["preset"]: r["step p50 s"] for r in results["training"] if r["dtype"] == "float32"}
+    step_s = step_s or {r["preset"]: r["step p50 s"] for r in results["training"]}
+    results["compile cache"] = [compile_cache(p) for p in args.presets]
+    print(
+        table("\npersistent compilation cache (trace + compile, float32)", results["compile cache"])
+    )
+    results["data pipeline"] = [pipeline_headroom(p, 1.0 / step_s[p]) for p in args.presets]
+    print(
+        table("\ndata pipeline (prefetched) over training's consumption", results["data pipeline"])
+    )
+    results["checkpoint"] = [checkpoints(p, step_s[p], args.rounds) for p in args.presets]
+    print(table("\ncheckpoints (float32 state with AdamW moments)", results["checkpoint"]))
+    results["decode"] = [decoding(p) for p in args.presets]
+    print(table("\ndecode with the KV cache (batch 1, greedy)", results["decode"]))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,7 @@ from rtdlm.train.config import RunConfig, for_first_start
 from rtdlm.train.data import split_documents, stdlib_documents
 from rtdlm.train.loop import TrainState, init_state, make_optimizer, make_train_step
 from rtdlm.train.pipeline import Prefetch, packed_batches
+from rtdlm.train.trainer import use_compile_cache
 
 BATCH = {"tiny": (16, 256), "small": (4, 1024), "medium": (1, 2048), "large": (1, 2048)}
 DTYPES = ("float32", "bfloat16")
@@ -146,8 +147,7 @@ def training(presets: list[str], dtypes: list[str], steps: int) -> list[dict[str
 
 
 def _compile_in_fresh_process(preset: str, cache_dir: str) -> float:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # as the Trainer does
+    use_compile_cache(cache_dir)  # as the Trainer does
     return compile_step(run_config(preset, "float32", 1))[2]
 
 

@@ -117,10 +117,16 @@ def blocked_causal_attention(
     return out.reshape(batch, time, heads, head_dim)
 
 
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[batch, 1, time, time]: causal, and only within the same packed document."""
+    time = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((time, time), dtype=bool))
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal & same_segment)[:, None]
+
+
 def dense_causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array
 ) -> jax.Array:
     """The same attention written densely (one T x T mask), as the reference in tests."""
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = jnp.tril(jnp.ones((q.shape[1], q.shape[1]), bool))
-    return jax.nn.dot_product_attention(q, k, v, mask=(causal & same)[:, None])
+    return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids))

@@ -17,7 +17,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from rtdlm.model.attention import blocked_causal_attention
+from rtdlm.model.attention import attention_mask, blocked_causal_attention
 from rtdlm.model.config import ModelConfig
 from rtdlm.model.linear import Embedding, linear, linears
 from rtdlm.model.moe import MoEStats, moe_mlp
@@ -122,14 +122,6 @@ def block(
         return constrain(x + y, "batch", "length", "act_embed"), cache, stats
     y = hk.to_module(swiglu_mlp)(name="mlp")(rms_norm(x, cfg, "mlp_norm"), cfg)
     return constrain(x + y, "batch", "length", "act_embed"), cache, MoEStats.zeros()
-
-
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """[batch, 1, time, time]: causal, and only within the same packed document."""
-    time = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((time, time), dtype=bool))
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal & same_segment)[:, None]
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

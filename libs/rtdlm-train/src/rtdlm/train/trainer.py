@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -148,8 +149,7 @@ class Trainer:
         with RunDirLock(self.run_dir) if writer else contextlib.nullcontext():
             cfg, fresh = self._settle_config()
             if self.compile_cache:  # before anything compiles: restarts reuse compiled steps
-                jax.config.update("jax_compilation_cache_dir", str(self.run_dir / "xla-cache"))
-                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+                use_compile_cache(self.run_dir / "xla-cache")
             retention = ckpt.Retention(keep_last=cfg.train.keep_checkpoints, keep_best=1)
             with ckpt.CheckpointManager(self.run_dir / "checkpoints", retention) as manager:
                 return _Run(cfg, self, manager, mesh, held_out).run(fresh, should_stop)
@@ -177,6 +177,13 @@ class Trainer:
             saved_file.with_suffix(".yaml.tmp").replace(saved_file)
             log.info("config (%s):\n%s", saved_file, to_yaml(cfg).rstrip())
         return cfg, not has_checkpoints
+
+
+def use_compile_cache(directory: str | os.PathLike[str]) -> None:
+    """XLA's persistent compilation cache in `directory`, for every later compile in this
+    process: a restarted run loads its compiled steps instead of compiling them again."""
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def describe(cfg: RunConfig, devices: int | None = None) -> str:

@@ -4,12 +4,13 @@ Run: ./pants run benchmarks -- [--out results.json] [--presets tiny small] [--st
 
 Sections: matmul ceilings (float32, bf16 in / float32 out, bf16 in / bf16 out); training steps
 of each preset in float32 and bfloat16 (tokens/s, MFU, step p50/p95, compile time) with the
-variants alternated step by step and a float32 matmul probe beside every step; a second
-process compiling the same step against the first one's persistent compilation cache; the
-data pipeline's batches/s over what training consumes; async checkpoint blocking as a
-fraction of a step; checkpoint restore throughput over a raw read of the same bytes; decode
-tokens/s with the KV cache. Machine speed drifts by up to 1.6x between runs, so compare
-ratios taken within one run, not absolute numbers across runs.
+variants alternated step by step and a matmul probe of the compute dtype beside every step
+(the trainer's MFU peak); a second process compiling the same step against the first one's
+persistent compilation cache; the data pipeline's batches/s over what training consumes;
+async checkpoint blocking as a fraction of a step; verified checkpoint restore throughput over
+a raw read of the same bytes, from the disk and from the page cache; decode tokens/s with the
+KV cache. Machine speed drifts by up to 1.6x between runs, so compare ratios taken within one
+run, not absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtdlm.ckpt import CheckpointManager
+from rtdlm.metrics import measure_matmul_flops
 from rtdlm.model import build, build_with_stats, flops_per_token, generate
 from rtdlm.train import Batch, resolve
 from rtdlm.train.config import RunConfig, for_first_start
@@ -99,7 +101,8 @@ def compile_step(cfg: RunConfig) -> tuple[Any, TrainState, float]:
 
 def training(presets: list[str], dtypes: list[str], steps: int) -> list[dict[str, Any]]:
     """Every (preset, dtype) compiled, then their steps alternated round-robin, each followed
-    by a float32 matmul probe: MFU is model FLOP/s over the probe's FLOP/s."""
+    by a matmul probe of its compute dtype (the trainer's peak): MFU is model FLOP/s over the
+    probe's FLOP/s, so float32 rows are float32 MFU and bf16 rows are against bf16 dots."""
     runs: list[dict[str, Any]] = []
     for preset, dtype in itertools.product(presets, dtypes):
         cfg = run_config(preset, dtype, steps)
@@ -124,7 +127,8 @@ def training(presets: list[str], dtypes: list[str], steps: int) -> list[dict[str
             cfg = run["cfg"]
             tokens = cfg.data.batch_size * cfg.model.seq_len
             run["seconds"].append(seconds)
-            run["mfu"].append(flops_per_token(cfg.model) * tokens / seconds / matmul_probe())
+            probe = measure_matmul_flops(repeats=2, dtype=cfg.model.compute_dtype)
+            run["mfu"].append(flops_per_token(cfg.model) * tokens / seconds / probe)
     rows = []
     for run in runs:
         cfg, times = run["cfg"], sorted(run["seconds"])
@@ -176,26 +180,44 @@ def pipeline_headroom(preset: str, steps_per_second: float, seconds: float = 3.0
     return {"preset": preset, "batches/s": rate, "headroom": rate / steps_per_second}
 
 
-def _raw_read(arrays: list[np.ndarray], directory: Path) -> float:
+def _evict(directory: Path) -> None:
+    """Drops the files' pages from the page cache, so the next read comes from the disk, as
+    it does when a job restarts on a fresh node."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _raw_reads(arrays: list[np.ndarray], directory: Path) -> tuple[float, float]:
+    """Seconds to read the arrays back from plain files: from the disk, then from the cache."""
+    directory.mkdir()
     for i, array in enumerate(arrays):
         with open(directory / f"{i}.bin", "wb") as f:
             f.write(array.tobytes())
-            os.fsync(f.fileno())
-    start = time.perf_counter()
-    for i, array in enumerate(arrays):
-        np.fromfile(directory / f"{i}.bin", dtype=array.dtype)
-    return time.perf_counter() - start
+    _evict(directory)
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        for i, array in enumerate(arrays):
+            np.fromfile(directory / f"{i}.bin", dtype=array.dtype)
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1]
 
 
 def checkpoints(preset: str, step_seconds: float, rounds: int) -> dict[str, Any]:
     """For the preset's real train state: how long an async save holds the caller, over one
-    step; and restore throughput over plain reads of the same bytes, alternated."""
+    step; and verified restore throughput over plain reads of the same bytes, alternated, from
+    the disk (a restart) and from the page cache."""
     cfg = run_config(preset, "float32", 1)
     model = build_with_stats(cfg.model)
     state = init_state(model, make_optimizer(cfg.optimizer), cfg)
     arrays = [np.asarray(a) for a in jax.tree.leaves((state.params, state.opt_state))]
-    size = sum(a.nbytes for a in arrays)
-    blocking, ratios = [], []
+    blocking, cold, warm = [], [], []
     with (
         tempfile.TemporaryDirectory() as work,
         CheckpointManager(Path(work) / "checkpoints") as manager,
@@ -204,17 +226,21 @@ def checkpoints(preset: str, step_seconds: float, rounds: int) -> dict[str, Any]
             info = manager.save(r, params=state.params, opt_state=state.opt_state)
             blocking.append(info.blocking_seconds)
             manager.wait()
-            start = time.perf_counter()
-            manager.restore(r, params=state.params, opt_state=state.opt_state)
-            restore_s = time.perf_counter() - start
-            raw_dir = Path(work) / f"raw{r}"
-            raw_dir.mkdir()
-            ratios.append(_raw_read(arrays, raw_dir) / restore_s)
+            _evict(Path(manager.directory / str(r)))
+            restores = []
+            for _ in range(2):
+                start = time.perf_counter()
+                manager.restore(r, params=state.params, opt_state=state.opt_state)
+                restores.append(time.perf_counter() - start)
+            raw_cold, raw_warm = _raw_reads(arrays, Path(work) / f"raw{r}")
+            cold.append(raw_cold / restores[0])
+            warm.append(raw_warm / restores[1])
     return {
         "preset": preset,
-        "bytes": size,
+        "bytes": sum(a.nbytes for a in arrays),
         "save blocking / step": statistics.median(blocking) / step_seconds,
-        "restore / raw read": statistics.median(ratios),
+        "restore / raw read, disk": statistics.median(cold),
+        "restore / raw read, cached": statistics.median(warm),
     }
 
 

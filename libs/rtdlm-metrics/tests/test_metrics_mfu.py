@@ -22,6 +22,8 @@ def test_cpu_peak_is_measured_and_config_wins() -> None:
     assert peak_from_table("cpu") is None
     measured = peak_flops()
     assert measured.source.startswith("measured") and measured.flops_per_second > 1e8
+    bf16 = peak_flops(dtype="bfloat16")
+    assert bf16.source == "measured: 1024x1024 bfloat16 matmul" and bf16.flops_per_second > 1e8
     assert peak_flops(5e12).source == "config"
     with pytest.raises(ValueError, match="positive"):
         peak_flops(0.0)

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         data, tokenizer = load_data(cfg.data.path)
         run_dir = args.run_dir or Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        peak = peak_flops(cfg.metrics.peak_flops)
+        peak = peak_flops(cfg.metrics.peak_flops, dtype=cfg.model.compute_dtype)
         registry = CollectorRegistry()
         metrics = PrometheusTrainingCallback(
             registry,

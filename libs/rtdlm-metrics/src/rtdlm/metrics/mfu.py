@@ -20,7 +20,7 @@ PEAK_BF16_FLOPS = {
 @dataclass(frozen=True)
 class Peak:
     flops_per_second: float
-    source: str  # "config", "table: <key>" or "measured: <n>x<n> float32 matmul"
+    source: str  # "config", "table: <key>" or "measured: <n>x<n> <dtype> matmul"
 
 
 def peak_from_table(device_kind: str) -> Peak | None:
@@ -31,11 +31,13 @@ def peak_from_table(device_kind: str) -> Peak | None:
     return None
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    """Best FLOP/s of an n x n float32 matmul on the default device: a CPU's practical peak."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
+def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """Best FLOP/s of an n x n matmul on the default device, a CPU's practical peak: `dtype`
+    inputs accumulating in float32, the way the model's matmuls are written (on CPUs with
+    bf16 units a bf16 dot with a bf16 result runs slower than float32)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     jax.block_until_ready(matmul(a, b))
     best = float("inf")
     for _ in range(repeats):
@@ -45,8 +47,11 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n**3 / best
 
 
-def peak_flops(configured: float | None = None, device: jax.Device | None = None) -> Peak:
-    """The configured peak, else the table's for a known accelerator, else a measured matmul."""
+def peak_flops(
+    configured: float | None = None, device: jax.Device | None = None, dtype: str = "float32"
+) -> Peak:
+    """The configured peak, else the table's for a known accelerator, else a measured matmul
+    of the compute dtype (so bf16 training is not measured against the float32 ceiling)."""
     if configured is not None:
         if configured <= 0:
             raise ValueError(f"peak FLOP/s must be positive, got {configured}")
@@ -54,7 +59,7 @@ def peak_flops(configured: float | None = None, device: jax.Device | None = None
     device = device or jax.local_devices()[0]
     if (known := peak_from_table(device.device_kind)) is not None:
         return known
-    return Peak(measure_matmul_flops(), "measured: 1024x1024 float32 matmul")
+    return Peak(measure_matmul_flops(dtype=dtype), f"measured: 1024x1024 {dtype} matmul")
 
 
 def model_flops_utilization(flops: float, seconds: float, peak: float) -> float:

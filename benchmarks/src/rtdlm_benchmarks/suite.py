@@ -150,19 +150,43 @@ def training(presets: list[str], dtypes: list[str], steps: int) -> list[dict[str
     return rows
 
 
-def _compile_in_fresh_process(preset: str, cache_dir: str) -> float:
+def _compile_in_fresh_process(preset: str, cache_dir: str) -> dict[str, float]:
+    """Trace and compile of the float32 step for abstract state (nothing allocated, so medium
+    fits too), with the persistent-cache hits JAX reports while compiling."""
     use_compile_cache(cache_dir)  # as the Trainer does
-    return compile_step(run_config(preset, "float32", 1))[2]
+    events: list[str] = []
+    jax.monitoring.register_event_listener(lambda event, **_: events.append(event))
+    cfg = run_config(preset, "float32", 1)
+    model, optimizer = build_with_stats(cfg.model), make_optimizer(cfg.optimizer)
+    state = jax.eval_shape(lambda: init_state(model, optimizer, cfg))
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batches(cfg, 1)[0])
+    step: Any = make_train_step(model, optimizer, cfg)
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    traced = time.perf_counter()
+    lowered.compile()
+    return {
+        "trace s": traced - start,
+        "compile s": time.perf_counter() - traced,
+        "cache hits": events.count("/jax/compilation_cache/cache_hits"),
+    }
 
 
 def compile_cache(preset: str) -> dict[str, Any]:
-    """Trace + compile seconds of the step in a new process with an empty persistent cache,
-    then in another new process that finds the first one's cache (a restarted run)."""
+    """Trace and compile seconds of the step in a new process with an empty persistent cache,
+    then in another new process that finds the first one's cache (a restarted run): the
+    second's compile is a cache hit, its trace is not cached."""
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as cache, context.Pool(1, maxtasksperchild=1) as pool:
         cold = pool.apply(_compile_in_fresh_process, (preset, cache))
         warm = pool.apply(_compile_in_fresh_process, (preset, cache))
-    return {"preset": preset, "first start s": cold, "restart s": warm}
+    return {
+        "preset": preset,
+        "trace s": cold["trace s"],
+        "compile s, first start": cold["compile s"],
+        "compile s, restart": warm["compile s"],
+        "cache hits, first / restart": f"{cold['cache hits']} / {warm['cache hits']}",
+    }
 
 
 def pipeline_headroom(preset: str, steps_per_second: float, seconds: float = 3.0) -> dict[str, Any]:
@@ -303,19 +327,26 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--rounds", type=int, default=3, help="matmul and checkpoint rounds")
+    parser.add_argument(
+        "--compile-presets",
+        nargs="+",
+        choices=list(BATCH),
+        help="presets whose compile times and cache restart are measured (default: --presets "
+        "and medium)",
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {"machine": machine()}
     print(table("machine", [results["machine"]]), flush=True)
     results["matmul GFLOP/s"] = matmul_ceilings(args.rounds)
     print(table("\nmatmul ceilings, GFLOP/s (2048 x 2048)", [results["matmul GFLOP/s"]]))
     results["training"] = training(args.presets, args.dtypes, args.steps)
-    print(table("\ntraining (alternated; MFU against a float32 probe)", results["training"]))
+    title = "\ntraining (alternated; MFU against a matmul probe of the compute dtype)"
+    print(table(title, results["training"]))
     step_s = {r["preset"]: r["step p50 s"] for r in results["training"] if r["dtype"] == "float32"}
     step_s = step_s or {r["preset"]: r["step p50 s"] for r in results["training"]}
-    results["compile cache"] = [compile_cache(p) for p in args.presets]
-    print(
-        table("\npersistent compilation cache (trace + compile, float32)", results["compile cache"])
-    )
+    compiled = args.compile_presets or list(dict.fromkeys([*args.presets, "medium"]))
+    results["compile cache"] = [compile_cache(p) for p in compiled]
+    print(table("\ncompile time and the persistent cache (float32 step)", results["compile cache"]))
     results["data pipeline"] = [pipeline_headroom(p, 1.0 / step_s[p]) for p in args.presets]
     print(
         table("\ndata pipeline (prefetched) over training's consumption", results["data pipeline"])

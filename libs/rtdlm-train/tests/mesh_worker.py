@@ -32,6 +32,7 @@ from rtdlm.train.data import stdlib_documents
 SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2"]
 SMALL += ["model.seq_len=32", "model.d_ff=64", "metrics.enabled=false", "data.batch_size=8"]
 SMALL += ["optimizer.learning_rate=3e-3", "optimizer.warmup_steps=1", "train.eval_every=4"]
+SMALL += ["model.compute_dtype=float32"]  # meshes compared at float32 tolerances
 
 
 class Record(Callback):

@@ -23,6 +23,7 @@ from rtdlm.train.pipeline import packed_batches
 
 SMALL = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2"]
 SMALL += ["model.seq_len=32", "model.d_ff=64"]
+SMALL += ["model.compute_dtype=float32"]  # equalities at float32 tolerances (tiny runs bf16)
 DATA = split_documents(stdlib_documents())
 
 

@@ -1,4 +1,4 @@
-"""The GPU benchmark (benchmarks:gpu) end to end on CPU, with the tiny preset: it has not met a
+"""The GPU benchmark (benchmarks/gpu:gpu) end to end on CPU, with the tiny preset: it has not met a
 GPU yet, so this keeps every step it takes there (plan, compile ahead, fit, time, MFU, JSON)
 running."""
 

@@ -4,7 +4,7 @@ batch the dry-run planner fits in device memory, with MFU against the device's b
 Run on one H200 (medium, bfloat16, cuDNN attention, remat none / full / dots_saveable; a few
 minutes; issue 14's target is MFU >= 0.45):
 
-    ./pants run benchmarks:gpu-cuda12 -- --out gpu.json
+    ./pants run benchmarks/gpu:gpu-cuda12 -- --out gpu.json
 
 Each policy: plan the batch (the trainer's --dry-run arithmetic, to --fill of the device's
 bytes_limit), compile ahead of time (the compiled program's own bytes are checked against the

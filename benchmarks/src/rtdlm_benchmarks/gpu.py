@@ -33,14 +33,14 @@ import haiku as hk
 import jax
 import optax
 
-from rtdlm.metrics import Peak, device_memory, peak_flops
+from rtdlm.metrics import device_memory, peak_flops
 from rtdlm.model import build_with_stats, flops_per_token
 from rtdlm.model.config import ATTENTION_IMPLS, COMPUTE_DTYPES, REMAT_POLICIES
 from rtdlm.train import Batch, RunConfig
-from rtdlm.train.loop import TrainState, init_state, make_optimizer, make_train_step
+from rtdlm.train.loop import TrainState, init_state, make_optimizer
 from rtdlm.train.sharding import checked_shape
 from rtdlm.train.sharding import device_memory as planned_memory
-from rtdlm_benchmarks.suite import BATCH, batches, machine, run_config, table
+from rtdlm_benchmarks.suite import BATCH, batches, lower_step, machine, run_config, table
 
 GIB = 2**30
 TARGET_MFU = 0.45  # issue 14, against the H200's bf16 dense peak
@@ -101,12 +101,10 @@ def compile_ahead(
 ) -> tuple[jax.stages.Compiled, float]:
     """The trainer's step compiled for abstract state and batch, and the seconds that took:
     its size is known before any state is allocated, and no step runs inside the timing."""
-    state = jax.eval_shape(lambda: init_state(model, optimizer, cfg))
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
-    step: Any = make_train_step(model, optimizer, cfg)
+    lowered, trace_s = lower_step(cfg, model, optimizer, batch)
     start = time.perf_counter()
-    compiled = step.lower(state, shapes).compile()
-    return compiled, time.perf_counter() - start
+    compiled = lowered.compile()
+    return compiled, trace_s + time.perf_counter() - start
 
 
 def fit_and_compile(
@@ -176,12 +174,6 @@ def memory_limit(memory_gib: float | None) -> tuple[int, str]:
             f"{jax.devices()[0].device_kind} reports no memory limit: pass --memory-gib"
         )
     return int(reading[1]), "device bytes_limit"
-
-
-def peak(dtype: str) -> Peak:
-    """The table's dense bf16 peak for a known accelerator; elsewhere (CPU) a measured matmul
-    reading `dtype` and accumulating in float32, as the model's do (the trainer's own peak)."""
-    return peak_flops(dtype=dtype)
 
 
 def bench_choice(
@@ -269,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
             errors.append({"remat": remat, "error": f"{type(error).__name__}: {error}"[:2000]})
         print(f"remat={remat} done at {time.perf_counter() - start:.0f} s", flush=True)
-    measured = peak(args.dtype)
+    measured = peak_flops(dtype=args.dtype)  # the trainer's: the table's, or a measured dot
     for run in runs:
         run["MFU"] = run["model TFLOP/s"] * 1e12 / measured.flops_per_second
     results: dict[str, Any] = {

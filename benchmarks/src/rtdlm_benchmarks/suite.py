@@ -27,9 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from rtdlm.ckpt import CheckpointManager
 from rtdlm.metrics import measure_matmul_flops
@@ -150,24 +152,33 @@ def training(presets: list[str], dtypes: list[str], steps: int) -> list[dict[str
     return rows
 
 
+def lower_step(
+    cfg: RunConfig, model: hk.Transformed, optimizer: optax.GradientTransformation, batch: Batch
+) -> tuple[jax.stages.Lowered, float]:
+    """The trainer's step traced and lowered for abstract state and batch (nothing is
+    allocated, so medium fits too), and the seconds that took."""
+    state = jax.eval_shape(lambda: init_state(model, optimizer, cfg))
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
+    step: Any = make_train_step(model, optimizer, cfg)
+    start = time.perf_counter()
+    lowered = step.lower(state, shapes)
+    return lowered, time.perf_counter() - start
+
+
 def _compile_in_fresh_process(preset: str, cache_dir: str) -> dict[str, float]:
-    """Trace and compile of the float32 step for abstract state (nothing allocated, so medium
-    fits too), with the persistent-cache hits JAX reports while compiling."""
+    """Trace and compile seconds of the float32 step, with the persistent-cache hits JAX
+    reports while compiling."""
     use_compile_cache(cache_dir)  # as the Trainer does
     events: list[str] = []
     jax.monitoring.register_event_listener(lambda event, **_: events.append(event))
     cfg = run_config(preset, "float32", 1)
     model, optimizer = build_with_stats(cfg.model), make_optimizer(cfg.optimizer)
-    state = jax.eval_shape(lambda: init_state(model, optimizer, cfg))
-    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batches(cfg, 1)[0])
-    step: Any = make_train_step(model, optimizer, cfg)
+    lowered, trace_s = lower_step(cfg, model, optimizer, batches(cfg, 1)[0])
     start = time.perf_counter()
-    lowered = step.lower(state, batch)
-    traced = time.perf_counter()
     lowered.compile()
     return {
-        "trace s": traced - start,
-        "compile s": time.perf_counter() - traced,
+        "trace s": trace_s,
+        "compile s": time.perf_counter() - start,
         "cache hits": events.count("/jax/compilation_cache/cache_hits"),
     }
 

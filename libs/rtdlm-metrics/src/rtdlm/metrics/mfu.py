@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -31,18 +32,21 @@ def peak_from_table(device_kind: str) -> Peak | None:
     return None
 
 
+# One jitted function, so a probe beside every step compiles once per shape and dtype.
+_matmul = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
+
+
 def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
     """Best FLOP/s of an n x n matmul on the default device, a CPU's practical peak: `dtype`
     inputs accumulating in float32, the way the model's matmuls are written (on CPUs with
     bf16 units a bf16 dot with a bf16 result runs slower than float32)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-    jax.block_until_ready(matmul(a, b))
+    jax.block_until_ready(_matmul(a, b))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(matmul(a, b))
+        jax.block_until_ready(_matmul(a, b))
         best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 / best
 

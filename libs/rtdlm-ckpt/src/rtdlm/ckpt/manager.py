@@ -326,6 +326,9 @@ class CheckpointManager:
             self._manager = ocp.CheckpointManager(
                 self.directory, options=options, item_handlers=handlers
             )
+        # orbax removes interrupted saves' temporary directories in the background and waits
+        # for that only in its next save: wait here, so an opened manager has swept them.
+        getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
 
     # -- lifecycle ---------------------------------------------------------------------------
 

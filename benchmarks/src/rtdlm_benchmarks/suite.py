@@ -36,7 +36,7 @@ import optax
 from rtdlm.ckpt import CheckpointManager
 from rtdlm.metrics import measure_matmul_flops
 from rtdlm.model import build, build_with_stats, flops_per_token, generate
-from rtdlm.train import Batch, resolve
+from rtdlm.train import Batch, host, resolve
 from rtdlm.train.config import RunConfig, for_first_start
 from rtdlm.train.data import split_documents, stdlib_documents
 from rtdlm.train.loop import TrainState, init_state, make_optimizer, make_train_step
@@ -298,15 +298,14 @@ def decoding(preset: str, new_tokens: int = 64, prompt_len: int = 64) -> dict[st
 
 def machine() -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo")
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-        if line.startswith("model name")
-    ]
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     model = names[0] if names else platform.processor()
+    flags = next((line.split() for line in lines if line.startswith("flags")), [])
     return {
         "cpu": model,
         "cores": os.cpu_count(),
+        "bf16 units": " ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none",
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "date": time.strftime("%Y-%m-%d"),
@@ -346,6 +345,7 @@ def main() -> None:
         "and medium)",
     )
     args = parser.parse_args()
+    host.reuse_freed_memory()  # as the trainer does, before the first computation
     results: dict[str, Any] = {"machine": machine()}
     print(table("machine", [results["machine"]]), flush=True)
     results["matmul GFLOP/s"] = matmul_ceilings(args.rounds)

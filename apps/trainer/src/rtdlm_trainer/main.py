@@ -35,6 +35,7 @@ from rtdlm.train import (
     RunResult,
     Trainer,
     distributed,
+    host,
     load_yaml,
     resolve,
 )
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     run_log.propagate = False
     run_log.handlers = [logging.StreamHandler(sys.stdout)]
     args = parse_args(argv)
+    host.reuse_freed_memory()  # before JAX's CPU backend starts: steps keep their pages
     try:
         distributed.initialize(job_cluster(args, os.environ))  # before anything touches JAX
         who = f"[process {jax.process_index()}/{jax.process_count()}] "

@@ -33,12 +33,25 @@ def rms_norm(x: jax.Array, cfg: ModelConfig, name: str) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotates feature pairs of x [batch, time, heads, head_dim] by position-dependent angles."""
-    half = x.shape[-1] // 2
+class Rotary(NamedTuple):
+    cos: jax.Array  # [batch, time, 1, head_dim / 2]
+    sin: jax.Array
+
+
+def rotary_angles(positions: jax.Array, head_dim: int, base: float) -> Rotary:
+    """cos and sin [batch, time, 1, head_dim / 2] of each position's rotation angles, made
+    once per forward pass: every layer's queries and keys share them, where computing them
+    inside each rotation costs more than the rotation itself."""
+    half = head_dim // 2
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, time, half]
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    return Rotary(jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
+
+
+def apply_rotary(x: jax.Array, rotary: Rotary) -> jax.Array:
+    """Rotates feature pairs of x [batch, time, heads, head_dim] by position-dependent angles."""
+    half = x.shape[-1] // 2
+    cos, sin = rotary
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -57,7 +70,7 @@ LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # (k, v, length) of one lay
 class Context(NamedTuple):
     """Where each token sits and what it may attend to, shared by every block."""
 
-    positions: jax.Array  # [batch, time], restarting at 0 in each packed document
+    rotary: Rotary  # of positions that restart at 0 in each packed document
     segment_ids: jax.Array | None  # training: causal attention within each document
     mask: jax.Array | None  # decoding: [batch, 1, time, cache length], what each query sees
 
@@ -71,8 +84,8 @@ def causal_self_attention(
     batch, time, _ = x.shape
     q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     q, k, v = linears(x, [("query", q_size), ("key", kv_size), ("value", kv_size)])
-    q = apply_rotary(q.reshape(batch, time, cfg.num_heads, -1), ctx.positions, cfg.rope_base)
-    k = apply_rotary(k.reshape(batch, time, cfg.num_kv_heads, -1), ctx.positions, cfg.rope_base)
+    q = apply_rotary(q.reshape(batch, time, cfg.num_heads, -1), ctx.rotary)
+    k = apply_rotary(k.reshape(batch, time, cfg.num_kv_heads, -1), ctx.rotary)
     v = v.reshape(batch, time, cfg.num_kv_heads, cfg.head_dim)
     q, k, v = (constrain(a, "batch", "length", "act_heads", None) for a in (q, k, v))
     if (
@@ -256,7 +269,8 @@ def forward_with_stats(
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     else:
         positions = segment_positions(segment_ids)
-    logits, _, stats = transformer(tokens, Context(positions, segment_ids, None), cfg)
+    rotary = rotary_angles(positions, cfg.head_dim, cfg.rope_base)
+    logits, _, stats = transformer(tokens, Context(rotary, segment_ids, None), cfg)
     return logits, stats
 
 
@@ -279,7 +293,8 @@ def decode(tokens: jax.Array, cfg: ModelConfig, cache: KVCache) -> tuple[jax.Arr
     query_positions = cache.length + jnp.arange(time)
     mask = (jnp.arange(max_len)[None, :] <= query_positions[:, None])[None, None]
     positions = jnp.broadcast_to(query_positions, tokens.shape)
-    logits, new_cache, _ = transformer(tokens, Context(positions, None, mask), cfg, cache)
+    rotary = rotary_angles(positions, cfg.head_dim, cfg.rope_base)
+    logits, new_cache, _ = transformer(tokens, Context(rotary, None, mask), cfg, cache)
     assert new_cache is not None  # nosec B101 # narrows a type; decoding always returns caches
     return logits, new_cache
 

@@ -10,8 +10,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from rtdlm.train.host import cpu_backend_expected
 
 # A jitted step whose temporary buffer (a 4096 x 4096 float32 product, 64 MB) is above
@@ -28,7 +26,7 @@ x = jnp.ones((4096, 32))
 for _ in range(3):
     step(x).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
+for _ in range(8):
     step(x).block_until_ready()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(json.dumps({"applied": applied, "faults": faults}))
@@ -48,12 +46,11 @@ def run(mode: str) -> dict[str, int]:
 def test_a_tuned_process_reuses_the_pages_of_its_step_buffers() -> None:
     default, tuned = run("default"), run("tuned")
     assert tuned["applied"]
-    if default["faults"] < 16_384:
-        pytest.skip("this kernel already backs these buffers with huge pages")
-    # Untuned, each call maps its buffer afresh: 16,384 faults per call of 64 MB, four calls.
-    # Tuned, the heap may still grow by one buffer while its free blocks settle.
-    assert default["faults"] > 4 * 16_384 * 0.9, default
-    assert tuned["faults"] < 16_384 * 1.5, (default, tuned)
+    # Untuned, each call maps its buffer afresh: 16,384 faults per call of 64 MB, eight calls.
+    # Tuned, the heap may still grow by a buffer or two while its free blocks settle (more
+    # often on a loaded machine, where a call's buffer is freed after the next one's is taken).
+    assert default["faults"] > 8 * 16_384 * 0.9, default
+    assert tuned["faults"] < 0.4 * default["faults"], (default, tuned)
 
 
 def test_only_a_cpu_backend_is_tuned() -> None:

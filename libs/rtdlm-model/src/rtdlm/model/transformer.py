@@ -75,6 +75,12 @@ class Context(NamedTuple):
     mask: jax.Array | None  # decoding: [batch, 1, time, cache length], what each query sees
 
 
+def context(
+    positions: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | None, mask: jax.Array | None
+) -> Context:
+    return Context(rotary_angles(positions, cfg.head_dim, cfg.rope_base), segment_ids, mask)
+
+
 def causal_self_attention(
     x: jax.Array,
     ctx: Context,
@@ -269,8 +275,7 @@ def forward_with_stats(
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     else:
         positions = segment_positions(segment_ids)
-    rotary = rotary_angles(positions, cfg.head_dim, cfg.rope_base)
-    logits, _, stats = transformer(tokens, Context(rotary, segment_ids, None), cfg)
+    logits, _, stats = transformer(tokens, context(positions, cfg, segment_ids, None), cfg)
     return logits, stats
 
 
@@ -293,8 +298,7 @@ def decode(tokens: jax.Array, cfg: ModelConfig, cache: KVCache) -> tuple[jax.Arr
     query_positions = cache.length + jnp.arange(time)
     mask = (jnp.arange(max_len)[None, :] <= query_positions[:, None])[None, None]
     positions = jnp.broadcast_to(query_positions, tokens.shape)
-    rotary = rotary_angles(positions, cfg.head_dim, cfg.rope_base)
-    logits, new_cache, _ = transformer(tokens, Context(rotary, None, mask), cfg, cache)
+    logits, new_cache, _ = transformer(tokens, context(positions, cfg, None, mask), cfg, cache)
     assert new_cache is not None  # nosec B101 # narrows a type; decoding always returns caches
     return logits, new_cache
 

@@ -14,7 +14,6 @@ starts its CPU backend (the first computation or device query); later it changes
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.util
 import logging
 import os
@@ -41,11 +40,8 @@ def reuse_freed_memory() -> bool:
     other C libraries, or with an accelerator, it does nothing."""
     if not cpu_backend_expected():
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # noqa: B018 # glibc only: mallopt's parameters differ elsewhere
-    except (OSError, AttributeError, TypeError):
+    libc = ctypes.CDLL(None)  # the C library this process already runs on
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: mallopt differs elsewhere
         return False
     applied = all(
         libc.mallopt(param, value) == 1

@@ -160,5 +160,34 @@ def test_low_precision_dot_gradients_follow_float32() -> None:
     assert dx.dtype == dw.dtype == jnp.bfloat16
     np.testing.assert_allclose(dx.astype(jnp.float32), want_dx, atol=0.15)
     np.testing.assert_allclose(dw.astype(jnp.float32), want_dw, atol=0.3)
-    assert dot(x, w).dtype == jnp.float32  # float32 stays the plain, exact jnp.dot
+    assert dot(x, w).dtype == jnp.float32  # float32's forward stays the plain, exact jnp.dot
     np.testing.assert_array_equal(dot(x, w), jnp.dot(x, w))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from([(8, 24), (24, 8), (16, 16)]), st.integers(0, 2**16))
+def test_float32_dot_gradients_are_autodiffs(sizes: tuple[int, int], seed: int) -> None:
+    """The written-out weight gradient (either operand transposed) is autodiff's x.T @ g."""
+    d_in, d_out = sizes
+    keys = jax.random.split(jax.random.PRNGKey(seed), 2)
+    x = jax.random.normal(keys[0], (3, 5, d_in))
+    w = jax.random.normal(keys[1], (d_in, d_out))
+
+    def loss(product: Callable[..., jax.Array], x: jax.Array, w: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.sin(product(x, w)))
+
+    got = jax.jit(jax.grad(lambda x, w: loss(dot, x, w), (0, 1)))(x, w)
+    want = jax.jit(jax.grad(lambda x, w: loss(jnp.dot, x, w), (0, 1)))(x, w)
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_gradient_dots_stay_on_the_fast_cpu_kernels() -> None:
+    """XLA:CPU runs a dot contracting both operands' major axis (autodiff's x.T @ g) on a slower
+    generic kernel, after a transpose of its own: the compiled gradient has none."""
+    for d_in, d_out in [(32, 48), (48, 32)]:
+        x, w = jnp.ones((64, d_in)), jnp.ones((d_in, d_out))
+        grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(dot(x, w))), (0, 1)))
+        hlo = str(grad.lower(x, w).compile().as_text())
+        assert hlo.count(" dot(") == 3  # forward, dx, dw
+        assert "lhs_contracting_dims={0}" not in hlo

@@ -35,7 +35,6 @@ from rtdlm.train import (
     RunResult,
     Trainer,
     distributed,
-    host,
     load_yaml,
     resolve,
 )
@@ -210,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     run_log.propagate = False
     run_log.handlers = [logging.StreamHandler(sys.stdout)]
     args = parse_args(argv)
-    host.reuse_freed_memory()  # before JAX's CPU backend starts: steps keep their pages
     try:
         distributed.initialize(job_cluster(args, os.environ))  # before anything touches JAX
         who = f"[process {jax.process_index()}/{jax.process_count()}] "

@@ -85,7 +85,8 @@ def test_two_processes_train_the_same_curve_as_one(tmp_path: Path) -> None:
 
 
 def test_a_lost_peer_ends_the_other_and_a_rerun_resumes_to_the_same_loss(tmp_path: Path) -> None:
-    steps = ["--max-steps", "120", "--checkpoint-every", "20", "--heartbeat-timeout", "5"]
+    last = 120
+    steps = ["--max-steps", str(last), "--checkpoint-every", "20", "--heartbeat-timeout", "5"]
     straight = tmp_path / "straight"
     finish(pair(straight, *steps))
 
@@ -105,7 +106,7 @@ def test_a_lost_peer_ends_the_other_and_a_rerun_resumes_to_the_same_loss(tmp_pat
     out0, _ = finish(pair(run_dir, *steps))
     assert "resumed from step" in out0
     resumed, uninterrupted = losses(run_dir), losses(straight)
-    assert resumed[120] == pytest.approx(uninterrupted[120], rel=1e-6)
+    assert resumed[last] == pytest.approx(uninterrupted[last], rel=1e-6)
 
 
 def test_a_coordinator_that_cannot_be_reached_is_one_line_within_the_timeout(

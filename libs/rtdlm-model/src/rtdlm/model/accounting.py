@@ -66,13 +66,14 @@ def activation_values_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Values one block keeps for the backward pass, per token, under cfg.remat.
 
     Counted from the block's code: norms, q/k/v before and after rotation, attention scores and
-    probabilities (dense attention materialises them; blocked attention keeps its output and a
-    log-sum-exp per head instead), projections and the four SwiGLU tensors. "full" keeps only
-    the block input; "dots_saveable" keeps only matmul outputs.
+    probabilities (dense attention materialises them; blocked attention keeps its head-major
+    copies of q/k/v, its output and a log-sum-exp per head instead), projections and the four
+    SwiGLU tensors. "full" keeps only the block input; "dots_saveable" keeps only matmul outputs.
     """
     d, kv, ffn = cfg.d_model, cfg.num_kv_heads * cfg.head_dim, cfg.ffn_dim
     if cfg.attention == "blocked":
-        probabilities, scores = d + cfg.num_heads, 0  # output and log-sum-exp; no T x T
+        # head-major q/k/v (XLA:CPU keeps them beside the time-major ones), output, log-sum-exp
+        probabilities, scores = 2 * d + 2 * kv + cfg.num_heads, 0  # no T x T
     else:
         probabilities = scores = cfg.num_heads * seq_len
     if cfg.remat == "full":

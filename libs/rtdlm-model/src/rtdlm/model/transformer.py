@@ -53,10 +53,11 @@ def rotary_angles(
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
     if table_size is None:
         angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, time, half]
-        return Rotary(jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :])
-    angles = jnp.arange(table_size, dtype=jnp.float32)[:, None] * inv_freq  # [table, half]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    return Rotary(cos[positions][:, :, None, :], sin[positions][:, :, None, :])
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+    else:
+        table = jnp.arange(table_size, dtype=jnp.float32)[:, None] * inv_freq  # [table, half]
+        cos, sin = jnp.cos(table)[positions], jnp.sin(table)[positions]
+    return Rotary(cos[:, :, None, :], sin[:, :, None, :])
 
 
 def apply_rotary(x: jax.Array, rotary: Rotary) -> jax.Array:

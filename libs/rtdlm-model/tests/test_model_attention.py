@@ -123,12 +123,14 @@ def test_model_logits_and_gradients_are_the_same_blocked_or_dense() -> None:
 
 
 def dot_operand_dtypes(fn: Callable[..., Any], *args: Any) -> set[tuple[str, ...]]:
-    """The (lhs, rhs) dtypes of every dot_general in fn's jaxpr, nested calls included."""
+    """The (lhs, rhs) dtypes of every matrix product in fn's jaxpr, nested calls included.
+
+    A dot against a vector is a sum (RMSNorm's scale gradient, kept in float32), not one."""
     found: set[tuple[str, ...]] = set()
 
     def visit(jaxpr: Any) -> None:
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
+            if eqn.primitive.name == "dot_general" and min(v.aval.ndim for v in eqn.invars) > 1:
                 found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 visit(sub)

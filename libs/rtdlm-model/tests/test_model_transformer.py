@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtdlm.model import ModelConfig, build, count_params, preset
-from rtdlm.model.transformer import rotary_angles
+from rtdlm.model.transformer import apply_rotary, rms_norm, rotary_angles
 
 SMALL = ModelConfig(
     d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=16, vocab_size=64
@@ -97,6 +97,50 @@ def test_rotary_table_gives_the_angles_computed_per_position(
     for a, b in zip(direct, looked_up, strict=True):
         assert a.shape == b.shape == (2, time, 1, head_dim // 2)
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 3)),
+    half=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_written_out_gradients_match_autodiff(
+    dtype: str, shape: tuple[int, int, int], half: int, seed: int
+) -> None:
+    # RMSNorm and the rotation carry their own VJPs; autodiff of the plain formulas
+    # (hk.RMSNorm's, the rotation's) is the reference, in either compute dtype.
+    rng = np.random.default_rng(seed)
+    batch, time, heads = shape
+    x = jnp.asarray(rng.normal(size=(batch, time, heads, 2 * half)), dtype)
+    g = jnp.asarray(rng.normal(size=x.shape), dtype)
+    cfg = ModelConfig(d_model=2 * half, num_heads=1, num_kv_heads=1, num_layers=1, seq_len=8)
+    rotary = rotary_angles(jnp.asarray(rng.integers(0, 64, (batch, time))), 2 * half, 10000.0)
+
+    def plain_rotary(x: jax.Array) -> jax.Array:
+        x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+        cos, sin = rotary
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+    def plain_norm(x: jax.Array) -> jax.Array:
+        norm = hk.RMSNorm(axis=-1, eps=cfg.norm_eps, name="norm")
+        return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+    ours = hk.transform(lambda x: rms_norm(x, cfg, "norm"))
+    theirs = hk.transform(plain_norm)
+    scale = {"norm": {"scale": jnp.asarray(rng.normal(size=(2 * half,)), jnp.float32)}}
+    tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    for f, reference, argument in (
+        (lambda a: apply_rotary(a, rotary), plain_rotary, x),
+        (lambda p: ours.apply(p, None, x), lambda p: theirs.apply(p, None, x), scale),
+        (lambda a: ours.apply(scale, None, a), lambda a: theirs.apply(scale, None, a), x),
+    ):
+        got, want = jax.vjp(f, argument), jax.vjp(reference, argument)
+        np.testing.assert_allclose(np.float32(got[0]), np.float32(want[0]), rtol=tol, atol=tol)
+        for a, b in zip(jax.tree.leaves(got[1](g)), jax.tree.leaves(want[1](g)), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_saveable"])

@@ -36,7 +36,7 @@ import optax
 from rtdlm.ckpt import CheckpointManager
 from rtdlm.metrics import measure_matmul_flops
 from rtdlm.model import build, build_with_stats, flops_per_token, generate
-from rtdlm.train import Batch, resolve
+from rtdlm.train import Batch, host, resolve
 from rtdlm.train.config import RunConfig, for_first_start
 from rtdlm.train.data import split_documents, stdlib_documents
 from rtdlm.train.loop import TrainState, init_state, make_optimizer, make_train_step
@@ -345,6 +345,7 @@ def main() -> None:
         "and medium)",
     )
     args = parser.parse_args()
+    host.restart_with_huge_pages()  # as the trainer does: its step buffers in huge pages
     results: dict[str, Any] = {"machine": machine()}
     print(table("machine", [results["machine"]]), flush=True)
     results["matmul GFLOP/s"] = matmul_ceilings(args.rounds)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from rtdlm.model.attention import attention_mask, blocked_causal_attention
 from rtdlm.model.config import ModelConfig
-from rtdlm.model.linear import Embedding, linear, linears
+from rtdlm.model.linear import Embedding, linear, linears, swiglu
 from rtdlm.model.moe import MoEStats, moe_mlp
 from rtdlm.model.partitioning import constrain
 
@@ -196,8 +196,7 @@ def causal_self_attention(
 
 
 def swiglu_mlp(x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    gate, up = linears(x, [("gate", cfg.ffn_dim), ("up", cfg.ffn_dim)])
-    hidden = constrain(jax.nn.silu(gate) * up, "batch", "length", "act_mlp")
+    hidden = constrain(swiglu(x, cfg.ffn_dim), "batch", "length", "act_mlp")
     return linear(hidden, cfg.d_model, "down")
 
 

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -7,6 +8,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -184,12 +186,25 @@ def test_float32_dot_gradients_are_autodiffs(sizes: tuple[int, int], seed: int) 
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
-def test_float32_gradient_dots_stay_on_the_fast_cpu_kernels() -> None:
-    """XLA:CPU runs a dot contracting both operands' major axis (autodiff's x.T @ g) on a slower
-    generic kernel, after a transpose of its own: the compiled gradient has none."""
+def compiled_dot_operand_dtypes(hlo: str) -> set[str]:
+    """The element types every dot of a compiled HLO module reads, fused or not."""
+    found = set()
+    for computation in hlo.split("\n}"):
+        types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))
+        for operands in re.findall(r" dot\(([^)]*)\)", computation):
+            found |= {types[name] for name in re.findall(r"%([\w.\-]+)", operands)}
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradient_dots_stay_on_the_fast_cpu_kernels(dtype: str) -> None:
+    """XLA:CPU runs a dot contracting both operands' major axis (autodiff's x.T @ g) on a slow
+    generic kernel, after a transpose of its own and, in bfloat16, a conversion of both operands
+    to float32: the compiled gradient has no such dot, and every dot reads the compute dtype."""
     for d_in, d_out in [(32, 48), (48, 32)]:
-        x, w = jnp.ones((64, d_in)), jnp.ones((d_in, d_out))
-        grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(dot(x, w))), (0, 1)))
-        hlo = str(grad.lower(x, w).compile().as_text())
+        x, w = jnp.ones((64, d_in), dtype), jnp.ones((d_in, d_out), dtype)
+        loss = lambda x, w: jnp.sum(jnp.sin(dot(x, w).astype(jnp.float32)))  # noqa: E731
+        hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
         assert hlo.count(" dot(") == 3  # forward, dx, dw
         assert "lhs_contracting_dims={0}" not in hlo
+        assert compiled_dot_operand_dtypes(hlo) == {"f32" if dtype == "float32" else "bf16"}

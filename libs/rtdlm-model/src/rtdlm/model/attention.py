@@ -88,22 +88,23 @@ def _attention_bwd(
     # delta = rowsum(dO * O): the softmax Jacobian's correction term, once for all blocks.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # like lse
     dq_blocks = []
-    dk = jnp.zeros(k.shape, jnp.float32)
-    dv = jnp.zeros(v.shape, jnp.float32)
+    # The key and value gradients are summed transposed, [batch, kv_heads, head_dim, T]: each
+    # block's product then transposes its small d_out or q block rather than the probabilities
+    # (small float32 at seq 1024: 1.39x a step; bfloat16 1.03x, tiny 0.99x).
+    dk_t = jnp.zeros((*k.shape[:2], k.shape[3], time), jnp.float32)
+    dv_t = jnp.zeros_like(dk_t)
     for start, end in _blocks(time, block):
         s = _scores(q, k, segment_ids, start, end, scale)
         p = jnp.exp(s - lse[..., start:end, None])
         d_o = d_out[..., start:end, :]
-        dv_prefix = _dot("bhgqk,bhgqd->bhkd", p.astype(d_o.dtype), d_o)
+        dv_t = dv_t.at[..., :end].add(_dot("bhgqd,bhgqk->bhdk", d_o, p.astype(d_o.dtype)))
         dp = _dot("bhgqd,bhkd->bhgqk", d_o, v[:, :, :end])
         ds = (p * (dp - delta[..., start:end, None]) * scale).astype(q.dtype)
         dq_blocks.append(_dot("bhgqk,bhkd->bhgqd", ds, k[:, :, :end]))
-        dk_prefix = _dot("bhgqk,bhgqd->bhkd", ds, q[..., start:end, :])
-        pad = ((0, 0), (0, 0), (0, time - end), (0, 0))
-        dk = dk + jnp.pad(dk_prefix, pad)
-        dv = dv + jnp.pad(dv_prefix, pad)
+        dk_t = dk_t.at[..., :end].add(_dot("bhgqd,bhgqk->bhdk", q[..., start:end, :], ds))
     dq = jnp.concatenate(dq_blocks, axis=3).astype(q.dtype)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+    dk, dv = jnp.swapaxes(dk_t, 2, 3).astype(k.dtype), jnp.swapaxes(dv_t, 2, 3).astype(v.dtype)
+    return dq, dk, dv, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -204,7 +204,7 @@ def test_gradient_dots_stay_on_the_fast_cpu_kernels(dtype: str) -> None:
     for d_in, d_out in [(32, 48), (48, 32)]:
         x, w = jnp.ones((64, d_in), dtype), jnp.ones((d_in, d_out), dtype)
         loss = lambda x, w: jnp.sum(jnp.sin(dot(x, w).astype(jnp.float32)))  # noqa: E731
-        hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
+        hlo = str(jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text())
         assert hlo.count(" dot(") == 3  # forward, dx, dw
         assert "lhs_contracting_dims={0}" not in hlo
         assert compiled_dot_operand_dtypes(hlo) == {"f32" if dtype == "float32" else "bf16"}

@@ -79,12 +79,13 @@ def test_blocked_attention_matches_dense_values_and_gradients(
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4)
 
 
-def test_blocked_attention_in_bfloat16_stays_close_to_float32() -> None:
-    q, k, v = qkv(0, 2, 64, 4, 2, 16, jnp.bfloat16)
+@pytest.mark.parametrize("block", [16, 32, 64])  # four query blocks, two, one
+def test_blocked_attention_in_bfloat16_stays_close_to_float32(block: int) -> None:
+    q, k, v = qkv(0, 2, 64, 4, 2, 64, jnp.bfloat16)
     segments = jnp.asarray(packed_segments(np.random.default_rng(0), 2, 64))
 
     def blocked(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return blocked_causal_attention(q, k, v, segments, 16)
+        return blocked_causal_attention(q, k, v, segments, block)
 
     out = jax.jit(blocked)(q, k, v)
     assert out.dtype == jnp.bfloat16

@@ -79,6 +79,16 @@ def _attention_fwd(
     return out, (q, k, v, segment_ids, out, lse)
 
 
+def _add_to_keys(
+    total: jax.Array, rows: jax.Array, weights: jax.Array, end: int, transposed: bool
+) -> jax.Array:
+    """total plus weights [.., q, end] transposed times rows [.., q, d], summed over the query
+    rows and groups, into keys 0..end of total ([.., T, d], or [.., d, T] when transposed)."""
+    if transposed:
+        return total.at[..., :end].add(_dot("bhgqd,bhgqk->bhdk", rows, weights))
+    return total.at[:, :, :end].add(_dot("bhgqk,bhgqd->bhkd", weights, rows))
+
+
 def _attention_bwd(
     block: int, residuals: tuple[jax.Array, ...], d_out: jax.Array
 ) -> tuple[jax.Array | None, ...]:
@@ -87,24 +97,29 @@ def _attention_bwd(
     time = q.shape[3]
     # delta = rowsum(dO * O): the softmax Jacobian's correction term, once for all blocks.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # like lse
+    blocks = _blocks(time, block)
+    # Over several blocks the key and value gradients are summed transposed, [.., head_dim, T]:
+    # each block's product then transposes its small d_out or q block rather than the
+    # probabilities (small float32 at seq 1024: 1.39x a step; bfloat16 1.03x, tiny 0.99x). With
+    # one block XLA folds the final transpose back into the product, and in bfloat16 it then
+    # has no kernel to run it on.
+    transposed = len(blocks) > 1
+    dk = jnp.zeros((*k.shape[:2], k.shape[3], time) if transposed else k.shape, jnp.float32)
+    dv = jnp.zeros_like(dk)
     dq_blocks = []
-    # The key and value gradients are summed transposed, [batch, kv_heads, head_dim, T]: each
-    # block's product then transposes its small d_out or q block rather than the probabilities
-    # (small float32 at seq 1024: 1.39x a step; bfloat16 1.03x, tiny 0.99x).
-    dk_t = jnp.zeros((*k.shape[:2], k.shape[3], time), jnp.float32)
-    dv_t = jnp.zeros_like(dk_t)
-    for start, end in _blocks(time, block):
+    for start, end in blocks:
         s = _scores(q, k, segment_ids, start, end, scale)
         p = jnp.exp(s - lse[..., start:end, None])
         d_o = d_out[..., start:end, :]
-        dv_t = dv_t.at[..., :end].add(_dot("bhgqd,bhgqk->bhdk", d_o, p.astype(d_o.dtype)))
+        dv = _add_to_keys(dv, d_o, p.astype(d_o.dtype), end, transposed)
         dp = _dot("bhgqd,bhkd->bhgqk", d_o, v[:, :, :end])
         ds = (p * (dp - delta[..., start:end, None]) * scale).astype(q.dtype)
         dq_blocks.append(_dot("bhgqk,bhkd->bhgqd", ds, k[:, :, :end]))
-        dk_t = dk_t.at[..., :end].add(_dot("bhgqd,bhgqk->bhdk", q[..., start:end, :], ds))
+        dk = _add_to_keys(dk, q[..., start:end, :], ds, end, transposed)
+    if transposed:
+        dk, dv = jnp.swapaxes(dk, 2, 3), jnp.swapaxes(dv, 2, 3)
     dq = jnp.concatenate(dq_blocks, axis=3).astype(q.dtype)
-    dk, dv = jnp.swapaxes(dk_t, 2, 3).astype(k.dtype), jnp.swapaxes(dv_t, 2, 3).astype(v.dtype)
-    return dq, dk, dv, None
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,3 +1,6 @@
+from collections.abc import Callable
+from typing import Any
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -100,6 +103,23 @@ def test_rotary_table_gives_the_angles_computed_per_position(
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def assert_vjps_close(
+    f: Callable[..., jax.Array],
+    reference: Callable[..., jax.Array],
+    primals: tuple[Any, ...],
+    cotangent: jax.Array,
+    tol: float,
+) -> None:
+    """f and reference agree in value and in every gradient, gradient dtypes included."""
+    got, want = jax.vjp(f, *primals), jax.vjp(reference, *primals)
+    np.testing.assert_allclose(np.float32(got[0]), np.float32(want[0]), rtol=tol, atol=tol)
+    for a, b in zip(
+        jax.tree.leaves(got[1](cotangent)), jax.tree.leaves(want[1](cotangent)), strict=True
+    ):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+
+
 @settings(max_examples=8, deadline=None)
 @given(
     dtype=st.sampled_from(["float32", "bfloat16"]),
@@ -137,11 +157,7 @@ def test_written_out_gradients_match_autodiff(
         (lambda p: ours.apply(p, None, x), lambda p: theirs.apply(p, None, x), scale),
         (lambda a: ours.apply(scale, None, a), lambda a: theirs.apply(scale, None, a), x),
     ):
-        got, want = jax.vjp(f, argument), jax.vjp(reference, argument)
-        np.testing.assert_allclose(np.float32(got[0]), np.float32(want[0]), rtol=tol, atol=tol)
-        for a, b in zip(jax.tree.leaves(got[1](g)), jax.tree.leaves(want[1](g)), strict=True):
-            assert a.dtype == b.dtype
-            np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+        assert_vjps_close(f, reference, (argument,), g, tol)
 
 
 @settings(max_examples=8, deadline=None)
@@ -170,13 +186,8 @@ def test_swiglu_and_its_gradient_are_the_plain_formulas(
         gate, up = (x32 @ p[name]["w"].astype(jnp.float32) for name in ("gate", "up"))
         return (jax.nn.silu(gate) * up).astype(x.dtype)
 
-    got = jax.vjp(lambda p, x: ours.apply(p, None, x), params, x)
-    want = jax.vjp(plain, params, x)
     tol = {"float32": 1e-5, "bfloat16": 3e-2}[dtype]
-    np.testing.assert_allclose(np.float32(got[0]), np.float32(want[0]), rtol=tol, atol=tol)
-    for a, b in zip(jax.tree.leaves(got[1](g)), jax.tree.leaves(want[1](g)), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+    assert_vjps_close(lambda p, x: ours.apply(p, None, x), plain, (params, x), g, tol)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_saveable"])

@@ -47,13 +47,13 @@ def _weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
     """x.T @ g over every leading axis, accumulated in float32, with the smaller of x and g
     transposed (`_transposed`) on CPUs: a tiny bfloat16 step ran 1.44x faster, float32 1.02x.
     GPU dots take any operand layout."""
+    rows, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     if jax.default_backend() != "cpu":
-        return _dot_f32(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (0, 0))
-    if x.shape[-1] <= g.shape[-1]:
-        return _dot_f32(_transposed(x), g.reshape(-1, g.shape[-1]), (1, 0))
+        return _dot_f32(rows, g, (0, 0))
+    if rows.shape[1] <= g.shape[1]:
+        return _dot_f32(_transposed(rows), g, (1, 0))
     # (g.T @ x).T, the product behind a barrier: XLA would fold its transpose into the dot
-    product = _dot_f32(_transposed(g), x.reshape(-1, x.shape[-1]), (1, 0))
-    return jax.lax.optimization_barrier(product).T
+    return jax.lax.optimization_barrier(_dot_f32(_transposed(g), rows, (1, 0))).T
 
 
 @jax.custom_vjp

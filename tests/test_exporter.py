@@ -150,7 +150,7 @@ def test_a_corrupt_checkpoint_or_artifact_is_refused(
     data.write_bytes(data.read_bytes()[:-1] + b"\1")
     expect_error(
         ["generate", "--model", str(broken), "--prompt", "x"],
-        "onnx is corrupt: weights.onnx.data does not match its SHA-256; export it again",
+        "onnx is corrupt: weights.onnx.data does not match its XXH3-128 digest; export it again",
         capsys,
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx", "run"]

@@ -1,3 +1,5 @@
+import hashlib
+import json
 import logging
 import os
 import re
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tensorstore as ts
 
 from rtdlm.ckpt import (
     CheckpointError,
@@ -190,6 +193,44 @@ def test_corruption_is_detected_naming_the_checkpoint(tmp_path: Path, damage: st
         CorruptCheckpointError, match=r"checkpoint step 5 in .* is corrupt: params/"
     ):
         restore_params(tmp_path, step=5)
+
+
+def test_sha256_manifests_of_earlier_versions_still_verify(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(5, params=model_params())
+    manifest = tmp_path / "5" / MANIFEST
+    files = json.loads(manifest.read_text())["files"]
+    assert all(set(entry) == {"bytes", "xxh3_128"} for entry in files.values())
+    legacy = {  # format 1, as rtdlm-ckpt 0.1 wrote it
+        name: {
+            "bytes": entry["bytes"],
+            "sha256": hashlib.sha256((tmp_path / "5" / name).read_bytes()).hexdigest(),
+        }
+        for name, entry in files.items()
+    }
+    manifest.write_text(json.dumps({"format": 1, "files": legacy}))
+    assert_trees_equal(restore_params(tmp_path, step=5).params, model_params())
+    victim = largest_file(tmp_path / "5", "params")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(
+        CorruptCheckpointError, match=r"params/.* does not match its SHA-256 digest"
+    ):
+        restore_params(tmp_path, step=5)
+
+
+def test_arrays_are_read_through_mmap(tmp_path: Path) -> None:
+    def mapped_files() -> int:
+        metrics = ts.experimental_collect_matching_metrics("/tensorstore/file/mmap_count")
+        return sum(value["value"] for metric in metrics for value in metric["values"])
+
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (256, 256))}  # OCDBT inlines tiny
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, params=params)
+        before = mapped_files()
+        assert_trees_equal(manager.restore(1).params, params)
+        assert mapped_files() > before
 
 
 def test_restore_latest_falls_back_to_the_newest_intact_one_and_says_so(

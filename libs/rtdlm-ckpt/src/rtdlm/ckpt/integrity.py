@@ -1,8 +1,13 @@
-"""A manifest of every file in a checkpoint with its size and SHA-256, checked before restoring.
+"""A manifest of every file in a checkpoint with its size and digest, checked before restoring.
 
 Tensorstore does not checksum what it reads back, so a flipped bit would load silently. The
 manifest is written inside orbax's temporary directory before the commit rename: a checkpoint
 that is visible always has one, and one without it was not written by rtdlm-ckpt.
+
+The digest is XXH3-128: it guards against damage (bit flips, torn or truncated files), not
+against tampering, and hashes about 10x faster than SHA-256 (12 vs 1.3 GB/s on one core here),
+so the check no longer takes longer than the restore it runs beside. Manifests written with
+SHA-256 (format 1) still verify.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import xxhash
 from etils import epath
 
 MANIFEST = "rtdlm_manifest.json"
@@ -25,16 +32,21 @@ class IntegrityError(Exception):
     """A checkpoint's files differ from its manifest."""
 
 
-def _sha256(path: epath.Path) -> str:
+# Manifest key -> hash constructor; new manifests use the first.
+_DIGESTS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+_NAMES = {"xxh3_128": "XXH3-128", "sha256": "SHA-256"}
+_DIGEST = next(iter(_DIGESTS))
+
+
+def _digest(path: epath.Path, kind: str) -> str:
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        return hashlib.file_digest(f, _DIGESTS[kind]).hexdigest()
 
 
-def _sha256s(paths: list[epath.Path]) -> list[str]:
-    """Digests on one thread per core: hashlib releases the GIL, and one core hashes slower
-    than a disk reads."""
+def _digests(paths: list[epath.Path], kinds: list[str]) -> list[str]:
+    """Digests on one thread per core: both hashes release the GIL."""
     with ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1))) as pool:
-        return list(pool.map(_sha256, paths))
+        return list(pool.map(_digest, paths, kinds))
 
 
 def _files(root: epath.Path, prefix: str = "") -> list[str]:
@@ -50,12 +62,12 @@ def _files(root: epath.Path, prefix: str = "") -> list[str]:
 
 def write_manifest(step_dir: epath.Path) -> None:
     names = _files(step_dir)
-    digests = _sha256s([step_dir / name for name in names])
+    digests = _digests([step_dir / name for name in names], [_DIGEST] * len(names))
     files = {
-        name: {"bytes": (step_dir / name).stat().length, "sha256": digest}
+        name: {"bytes": (step_dir / name).stat().length, _DIGEST: digest}
         for name, digest in zip(names, digests, strict=True)
     }
-    (step_dir / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    (step_dir / MANIFEST).write_text(json.dumps({"format": 2, "files": files}, indent=1))
 
 
 def verify(
@@ -88,7 +100,11 @@ def verify(
             raise IntegrityError(f"{name} has {size} bytes, expected {expected['bytes']}")
     if not hashes:
         return
-    digests = _sha256s([step_dir / name for name, _ in checked])
-    for (name, expected), digest in zip(checked, digests, strict=True):
-        if digest != expected["sha256"]:
-            raise IntegrityError(f"{name} does not match its SHA-256")
+    kinds = [next((kind for kind in _DIGESTS if kind in expected), "") for _, expected in checked]
+    for (name, _), kind in zip(checked, kinds, strict=True):
+        if not kind:
+            raise IntegrityError(f"{MANIFEST} has no digest for {name}")
+    digests = _digests([step_dir / name for name, _ in checked], kinds)
+    for (name, expected), kind, digest in zip(checked, kinds, digests, strict=True):
+        if digest != expected[kind]:
+            raise IntegrityError(f"{name} does not match its {_NAMES[kind]} digest")

@@ -8,7 +8,7 @@ nothing else:
                        data_state/  JSON from the caller's data iterator
                        config/      JSON: the resolved run config
                        rtdlm/       JSON: RNG key, metrics, versions, git revision, time, size
-                       rtdlm_manifest.json   size and SHA-256 of every file above
+                       rtdlm_manifest.json   size and XXH3-128 digest of every file above
 
 Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it when complete; the manifest is
 written in that window, so a killed save leaves only a temporary directory, which restore never
@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import datetime
 import errno
+import gc
 import importlib.metadata
 import json
 import logging
@@ -35,7 +37,7 @@ import shutil
 import socket
 import subprocess  # nosec B404 # only for `git rev-parse HEAD` below
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,7 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from etils import epath
+from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's default uses
 
 from rtdlm.ckpt import integrity, quiet
 from rtdlm.ckpt.retention import PreservationPolicy, Retention, best_of
@@ -189,10 +193,43 @@ def _abstract_on_default_device(metadata_tree: PyTree) -> PyTree:
     )
 
 
+class _MappedArrayHandler(ocp.type_handlers.ArrayHandler):
+    """orbax's jax.Array handler, reading array files through mmap.
+
+    With tensorstore's default pread, every byte is copied from the page cache into a read
+    buffer and again into the array; mapped, it is copied once (small's state restored from the
+    page cache in 0.48 s instead of 0.66-0.84 s). Writes are unchanged.
+    """
+
+    async def deserialize(
+        self,
+        infos: Sequence[ocp.type_handlers.ParamInfo],
+        args: Sequence[ocp.type_handlers.RestoreArgs] | None = None,
+    ) -> Sequence[jax.Array]:
+        mapped: dict[int, ts.Context] = {}  # child of orbax's context: it keeps the caches
+
+        def with_mmap(info: ocp.type_handlers.ParamInfo) -> ocp.type_handlers.ParamInfo:
+            if info.ts_context is None:
+                return info
+            key = id(info.ts_context)
+            if key not in mapped:
+                mapped[key] = ts.Context({"file_io_mode": {"mode": "memmap"}}, info.ts_context)
+            info = copy.copy(info)
+            info.ts_context = mapped[key]
+            return info
+
+        return await super().deserialize([with_mmap(info) for info in infos], args)
+
+
 def _array_handler() -> ocp.PyTreeCheckpointHandler:
     """Arrays stored uncompressed: zstd saved under 10% of the bytes of trained float weights
     and halved restore throughput. Checkpoints written compressed still restore."""
-    return ocp.PyTreeCheckpointHandler(use_compression=False)
+    arrays = _MappedArrayHandler(array_metadata_store=array_metadata_store.Store())
+    others = (int, float, bytes, np.number, np.ndarray, str, type(ocp.PLACEHOLDER))
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, arrays), *((ty, ocp.type_handlers.get_type_handler(ty)) for ty in others)
+    )
+    return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
 
 
 def _restore_arg(item_dir: epath.Path, target: PyTree) -> ocp.args.CheckpointArgs:
@@ -215,6 +252,19 @@ def _as_target(tree: PyTree) -> PyTree:
         ),
         tree,
     )
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pauses Python's cyclic GC: orbax allocates enough objects per array to start several
+    full collections of the caller's heap (restore 0.54 -> 0.49 s for small's state)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _path(directory: str | os.PathLike[str]) -> epath.Path:
@@ -684,7 +734,8 @@ class CheckpointManager:
         step_dir = self.directory / str(step)
         try:
             args = {item: _restore_arg(step_dir / item, targets.get(item)) for item in items}
-            return self._manager.restore(step, args=ocp.args.Composite(**args))
+            with _no_gc():
+                return self._manager.restore(step, args=ocp.args.Composite(**args))
         except (json.JSONDecodeError, FileNotFoundError) as error:
             raise CorruptCheckpointError(
                 f"checkpoint step {step} in {self.directory} is unreadable: {_summary(error)}"

@@ -2,9 +2,9 @@
 
 Each holds `artifact.json` (kind, model config, tokenizer, the checkpoint and weights it came
 from, library versions, and the checks it passed) beside its data files, and rtdlm-ckpt's
-manifest of every file's size and SHA-256, checked whenever it is read. It is built in a hidden
-sibling directory and renamed into place, so a failed export leaves nothing, and an existing
-artifact is replaced only when asked to.
+manifest of every file's size and XXH3-128 digest, checked whenever it is read. It is built in a
+hidden sibling directory and renamed into place, so a failed export leaves nothing, and an
+existing artifact is replaced only when asked to.
 """
 
 from __future__ import annotations

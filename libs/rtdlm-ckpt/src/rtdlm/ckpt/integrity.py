@@ -32,15 +32,25 @@ class IntegrityError(Exception):
     """A checkpoint's files differ from its manifest."""
 
 
-# Manifest key -> hash constructor; new manifests use the first.
-_DIGESTS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
-_NAMES = {"xxh3_128": "XXH3-128", "sha256": "SHA-256"}
+# Manifest key -> (name in messages, hash constructor); new manifests use the first.
+_DIGESTS: dict[str, tuple[str, Callable[[], Any]]] = {
+    "xxh3_128": ("XXH3-128", xxhash.xxh3_128),
+    "sha256": ("SHA-256", hashlib.sha256),
+}
 _DIGEST = next(iter(_DIGESTS))
 
 
 def _digest(path: epath.Path, kind: str) -> str:
     with path.open("rb") as f:
-        return hashlib.file_digest(f, _DIGESTS[kind]).hexdigest()
+        return hashlib.file_digest(f, _DIGESTS[kind][1]).hexdigest()
+
+
+def _kind(name: str, expected: dict[str, Any]) -> str:
+    """The digest a manifest entry carries: XXH3-128 since format 2, SHA-256 before."""
+    for kind in _DIGESTS:
+        if kind in expected:
+            return kind
+    raise IntegrityError(f"{MANIFEST} has no digest for {name}")
 
 
 def _digests(paths: list[epath.Path], kinds: list[str]) -> list[str]:
@@ -100,11 +110,8 @@ def verify(
             raise IntegrityError(f"{name} has {size} bytes, expected {expected['bytes']}")
     if not hashes:
         return
-    kinds = [next((kind for kind in _DIGESTS if kind in expected), "") for _, expected in checked]
-    for (name, _), kind in zip(checked, kinds, strict=True):
-        if not kind:
-            raise IntegrityError(f"{MANIFEST} has no digest for {name}")
+    kinds = [_kind(name, expected) for name, expected in checked]
     digests = _digests([step_dir / name for name, _ in checked], kinds)
     for (name, expected), kind, digest in zip(checked, kinds, digests, strict=True):
         if digest != expected[kind]:
-            raise IntegrityError(f"{name} does not match its {_NAMES[kind]} digest")
+            raise IntegrityError(f"{name} does not match its {_DIGESTS[kind][0]} digest")

@@ -12,12 +12,15 @@ import numpy as np
 import optax
 import pytest
 import tensorstore as ts
+import xxhash
+from etils import epath
 
 from rtdlm.ckpt import (
     CheckpointError,
     CheckpointManager,
     CorruptCheckpointError,
     Retention,
+    integrity,
     restore_params,
     retained_steps,
 )
@@ -193,6 +196,27 @@ def test_corruption_is_detected_naming_the_checkpoint(tmp_path: Path, damage: st
         CorruptCheckpointError, match=r"checkpoint step 5 in .* is corrupt: params/"
     ):
         restore_params(tmp_path, step=5)
+
+
+def test_manifests_hash_files_of_any_size_as_their_bytes(tmp_path: Path) -> None:
+    contents = {
+        "empty": b"",
+        "one": b"x",
+        "page": os.urandom(4096 + 3),
+        "sub/big": os.urandom(1 << 20),
+    }
+    for name, data in contents.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    integrity.write_manifest(epath.Path(tmp_path))
+    files = json.loads((tmp_path / MANIFEST).read_text())["files"]
+    assert {name: entry["xxh3_128"] for name, entry in files.items()} == {
+        name: xxhash.xxh3_128(data).hexdigest() for name, data in contents.items()
+    }
+    integrity.verify(epath.Path(tmp_path))
+    (tmp_path / "one").write_bytes(b"y")
+    with pytest.raises(integrity.IntegrityError, match="one does not match its XXH3-128 digest"):
+        integrity.verify(epath.Path(tmp_path))
 
 
 def test_sha256_manifests_of_earlier_versions_still_verify(tmp_path: Path) -> None:

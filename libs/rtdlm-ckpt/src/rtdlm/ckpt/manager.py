@@ -50,7 +50,7 @@ import tensorstore as ts
 from etils import epath
 from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's default uses
 
-from rtdlm.ckpt import integrity, quiet
+from rtdlm.ckpt import aligned, integrity, quiet
 from rtdlm.ckpt.retention import PreservationPolicy, Retention, best_of
 
 PyTree = Any
@@ -348,6 +348,7 @@ class CheckpointManager:
             raise CheckpointError(f"{self.directory} is a file: pass a directory for checkpoints")
         retention = retention or Retention()
         quiet.install()
+        aligned.install()
         self.retention = retention
         self._read_only = read_only
         self._async = async_save

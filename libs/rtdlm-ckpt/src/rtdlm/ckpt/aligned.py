@@ -5,11 +5,12 @@ buffers start 16 bytes into a page (glibc's mmap'd chunks keep a header there), 
 adopts host memory only when it is 64-byte aligned, so each restored byte was zeroed, written,
 then copied once more into memory XLA allocated. Here the shard is allocated aligned and left
 unzeroed wherever the read covers it: small's train state, 1 GB, restores verified from the
-page cache in 0.60 s instead of 0.65 s (medians of 9, alternated in one process).
+page cache in 0.60 s instead of 0.65 s (medians of 9, alternated in one process). On a GPU
+the copy to the device is needed anyway; there only the memset goes.
 
 `install()` swaps orbax's private `serialization._read_shard` for `read_shard`, which returns
 the same values. It does so only while that function has the signature written for here; a
-later orbax without it keeps its own (tests/test_ckpt_manager.py notices).
+later orbax without it keeps its own (tests/test_ckpt_aligned.py notices).
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ def test_read_shard_returns_what_orbax_does_in_aligned_memory(
     case: tuple[np.ndarray, tuple[slice, ...], tuple[int, ...], Any],
 ) -> None:
     stored, index, shape, dtype = case
+    assert aligned.orbax_read_shard is not None  # orbax still has the reader replaced
     expected = read(aligned.orbax_read_shard, stored, index, shape, dtype)
     got = read(aligned.read_shard, stored, index, shape, dtype)
     assert got.dtype == expected.dtype and got.shape == expected.shape

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 ALIGNMENT = 64  # bytes: what XLA:CPU needs to use host memory in place
 _ORBAX_PARAMETERS = ["t", "new_shard_shape", "dtype", "requested_domain", "restricted_domain"]
-orbax_read_shard = serialization._read_shard  # what install() replaces, kept for comparison
+# What install() replaces, kept for comparison; None in an orbax without it (import still works).
+orbax_read_shard = getattr(serialization, "_read_shard", None)
 
 
 def empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
@@ -68,13 +69,12 @@ async def read_shard(
     return await asyncio.to_thread(cast)  # on the host, as orbax: no second copy on device
 
 
-def install() -> bool:
-    """Makes orbax read shards with `read_shard`; False if its reader is not the one known."""
+def install() -> None:
+    """Makes orbax read shards with `read_shard`, if its reader is still the one known."""
     current = getattr(serialization, "_read_shard", None)
     if current is read_shard:
-        return True
+        return
     if current is None or list(inspect.signature(current).parameters) != _ORBAX_PARAMETERS:
         log.debug("orbax's _read_shard changed; restored arrays are copied once more")
-        return False
+        return
     serialization._read_shard = read_shard
-    return True

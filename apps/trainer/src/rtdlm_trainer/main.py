@@ -260,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """The `trainer` command (the PEX's entry point, `python -m rtdlm_trainer.main`): the same
-    process restarts once with huge-page-backed step buffers (rtdlm.train.host; a tiny CPU step
-    1.1-1.2x), then runs main()."""
-    host.restart_with_huge_pages()
+    process restarts once with malloc tunables that keep step buffers mapped between steps, in
+    huge pages (rtdlm.train.host), then runs main()."""
+    host.restart_with_tunables()
     sys.exit(main())
 
 

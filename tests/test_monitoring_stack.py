@@ -25,7 +25,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from rtdlm.metrics import PrometheusTrainingCallback, start_server
+from rtdlm.metrics import PrometheusTrainingCallback, model_flops_utilization, start_server
 from rtdlm.train import (
     BYTE_VOCAB_SIZE,
     Callback,
@@ -125,7 +125,7 @@ def test_scraped_values_agree_with_what_the_trainer_reported(training: Any) -> N
             assert samples["rtdlm_batch_time_seconds_count"] == Scrape.steps
             assert samples["rtdlm_data_wait_seconds_count"] == Scrape.steps
             # The fake peak can be beaten by a one-layer step on a fast CPU: compare, not bound.
-            mfu = log.flops / log.step_seconds / PEAK_FLOPS
+            mfu = model_flops_utilization(log.flops, log.step_seconds, PEAK_FLOPS)
             assert samples["rtdlm_model_flops_utilization"] == pytest.approx(mfu)
             assert samples["rtdlm_model_flops_utilization"] > 0
 

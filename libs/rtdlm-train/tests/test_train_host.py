@@ -77,7 +77,9 @@ def test_a_restarted_process_reuses_its_step_buffer() -> None:
     else:
         assert default_faults > 0.9 * 16_384, default
     if wanted:
-        assert restarted_faults < 16, restarted  # the buffer was mapped by the calls before
+        # Reused, the buffer takes no faults at all (30 of 30 processes here); once, under
+        # Pants, a process took 44 a call, as if faulting it in 2 MB pages: bound by that.
+        assert restarted_faults < 0.05 * 16_384, restarted
     else:
         assert restarted_faults == pytest.approx(default_faults, rel=0.5), (default, restarted)
 

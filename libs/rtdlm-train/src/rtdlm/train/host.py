@@ -75,11 +75,11 @@ def tunables_environ(
     tunable that GLIBC_TUNABLES does not name already (a user's own value, `hugetlb=0` say,
     is kept)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    named = {item.split("=")[0] for item in tunables.split(":") if item}
-    added = [t for t in wanted_tunables(libc, thp) if t.split("=")[0] not in named]
+    named = {item.partition("=")[0] for item in tunables.split(":")}
+    added = [t for t in wanted_tunables(libc, thp) if t.partition("=")[0] not in named]
     if not added:
         return None
-    return {**environ, "GLIBC_TUNABLES": ":".join([*([tunables] if tunables else []), *added])}
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, *added]))}
 
 
 def restart_with_tunables() -> None:

@@ -1,0 +1,135 @@
+"""Reads a checkpoint item's arrays straight from tensorstore, every read in flight at once.
+
+orbax's PyTree restore spends about 1 ms of Python per array (event loops, thread pools,
+metadata trees, a device_put each): tiny's train state, 116 arrays in 42 MB, restored from
+the page cache in 0.11 s where plain reads of the same bytes took 0.012 s. Here orbax still
+names every array's files (its param names and tensorstore spec), and tensorstore opens all
+arrays in one batch and reads them in another, through mmap, each shard into 64-byte aligned
+memory that XLA:CPU adopts without a copy (on a GPU the copy to the device is needed anyway).
+Saving stays with orbax.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+PyTree = Any
+ALIGNMENT = 64  # bytes: what XLA:CPU needs to use host memory in place
+_NAMED = 3  # arrays named in a mismatch message
+Index = tuple[slice, ...] | None  # a shard's place in its array, as jax gives it
+Shards = dict[tuple[Any, ...], tuple[np.ndarray, ts.WriteFutures]]  # index -> (memory, read)
+
+
+class Mismatch(ValueError):
+    """The requested state does not fit the checkpoint: other arrays or other shapes."""
+
+
+def empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """An uninitialised C-ordered array whose data starts on an ALIGNMENT boundary."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
+def _listed(names: set[str]) -> str:
+    shown = sorted(names)[:_NAMED]
+    return ", ".join(shown) + (
+        f" and {len(names) - len(shown)} more" if len(names) > _NAMED else ""
+    )
+
+
+def _check_names(saved: set[str], requested: list[str]) -> None:
+    missing, extra = set(requested) - saved, saved - set(requested)
+    if missing:
+        raise Mismatch(f"the checkpoint has no {_listed(missing)}")
+    if extra:
+        raise Mismatch(f"the checkpoint also holds {_listed(extra)}")
+
+
+def _key(index: Index) -> tuple[Any, ...]:
+    """A shard's index as a dict key (slices hash only from Python 3.12); None: all of it."""
+    return () if index is None else tuple((s.start, s.stop, s.step) for s in index)
+
+
+def read(item_dir: epath.Path, target: PyTree) -> PyTree:
+    """`target`'s arrays read from the orbax PyTree item in `item_dir`.
+
+    `target` is a tree of jax.ShapeDtypeStruct; each leaf's sharding (the first local device
+    where it has none) says which shards this process reads and where they go, so a
+    checkpoint moves between device layouts. A dtype unlike the saved one is cast on reading.
+    Raises Mismatch when the tree's arrays or shapes are not the checkpoint's.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    names = [".".join(ocp.tree.str_keypath(path)) for path, _ in leaves]
+    metadata = json.loads((item_dir / "_METADATA").read_text())
+    saved = {
+        ".".join(str(key["key"]) for key in entry["key_metadata"])
+        for entry in metadata["tree_metadata"].values()
+        if not entry["value_metadata"].get("skip_deserialize")
+    }
+    _check_names(saved, names)
+    context = ts.Context({"file_io_mode": {"mode": "memmap"}}, ocp.type_handlers.get_ts_context())
+    info = ocp.type_handlers.ParamInfo(
+        name="",
+        parent_dir=item_dir,
+        use_zarr3=metadata.get("use_zarr3", False),
+        ts_context=context,
+    )
+    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=metadata.get("use_ocdbt", True))
+    with ts.Batch() as batch:
+        opening = [
+            ts.open(_named(spec, name), context=context, open=True, batch=batch) for name in names
+        ]
+    with ts.Batch() as batch:
+        shards = [
+            _start(future.result(), name, leaf, batch)
+            for future, name, (_, leaf) in zip(opening, names, leaves, strict=True)
+        ]
+    arrays = [_assemble(leaf, pending) for (_, leaf), pending in zip(leaves, shards, strict=True)]
+    return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _named(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    """orbax's spec for one array of the item: arrays differ only in their kvstore path."""
+    return {**spec, "kvstore": {**spec["kvstore"], "path": name}}
+
+
+def _sharding(leaf: jax.ShapeDtypeStruct) -> jax.sharding.Sharding:
+    return leaf.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _start(store: ts.TensorStore, name: str, leaf: jax.ShapeDtypeStruct, batch: ts.Batch) -> Shards:
+    """Starts reading each distinct shard this process holds; returns shard -> (memory, read)."""
+    if tuple(store.shape) != tuple(leaf.shape):
+        raise Mismatch(f"{name} is {tuple(store.shape)} in the checkpoint, {leaf.shape} requested")
+    if store.dtype.numpy_dtype != leaf.dtype:
+        store = ts.cast(store, ts.dtype(leaf.dtype))
+    pending: Shards = {}
+    for index in _sharding(leaf).addressable_devices_indices_map(leaf.shape).values():
+        if _key(index) not in pending:
+            region = store if index is None else store[index]
+            out = empty(region.shape, leaf.dtype)
+            pending[_key(index)] = (out, ts.array(out).write(region, batch=batch))
+    return pending
+
+
+def _assemble(leaf: jax.ShapeDtypeStruct, pending: Shards) -> jax.Array:
+    """The array from its shards once read, each adopted by its device as it lies in memory."""
+    for _, written in pending.values():
+        written.result()
+
+    def shard(index: Index) -> np.ndarray:
+        return pending[_key(index)][0]
+
+    return jax.make_array_from_callback(leaf.shape, _sharding(leaf), shard)

@@ -1,0 +1,99 @@
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from etils import epath
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rtdlm.ckpt import CheckpointError, CheckpointManager, arrays
+
+DTYPES = [np.float32, jnp.bfloat16, np.int32]
+
+
+@st.composite
+def saved_trees(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A tree of arrays (scalars included) and the dtypes it is asked back in."""
+    tree, dtypes = {}, {}
+    for i in range(draw(st.integers(1, 4))):
+        shape = tuple(draw(st.lists(st.integers(1, 40), max_size=3)))
+        saved = draw(st.sampled_from(DTYPES))
+        values = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) * 0.75 - 3
+        tree[f"a{i}"] = jnp.asarray(values, saved)
+        dtypes[f"a{i}"] = draw(st.sampled_from([saved, *DTYPES]))
+    return tree, dtypes
+
+
+@settings(max_examples=15, deadline=None)
+@given(saved_trees())
+def test_arrays_come_back_cast_as_asked_in_memory_jax_adopts(
+    case: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    tree, dtypes = case
+    read_into: list[int] = []
+    empty = arrays.empty
+
+    def recording(shape: Any, dtype: Any) -> np.ndarray:
+        out = empty(shape, dtype)
+        read_into.append(out.ctypes.data)
+        return out
+
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        tempfile.TemporaryDirectory() as directory,
+        CheckpointManager(directory) as manager,
+    ):
+        manager.save(1, params=tree)
+        manager.wait()
+        patch.setattr(arrays, "empty", recording)
+        target = {k: jax.ShapeDtypeStruct(v.shape, dtypes[k]) for k, v in tree.items()}
+        restored = manager.restore(1, params=target).params
+    for name, value in tree.items():
+        expected = np.asarray(value).astype(dtypes[name])  # as numpy casts
+        assert restored[name].dtype == expected.dtype
+        np.testing.assert_array_equal(np.asarray(restored[name]), expected)
+    pointers = [a.unsafe_buffer_pointer() for a in jax.tree.leaves(restored)]
+    assert sorted(pointers) == sorted(read_into)  # no copy after the read
+    assert all(p % arrays.ALIGNMENT == 0 for p in pointers)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ({"w": (4, 3)}, r"the checkpoint also holds b$"),
+        ({"w": (4, 3), "b": (3,), "c": (2,)}, r"the checkpoint has no c$"),
+        ({"w": (4, 2), "b": (3,)}, r"w is \(4, 3\) in the checkpoint, \(4, 2\) requested"),
+    ],
+)
+def test_a_tree_unlike_the_saved_one_is_named(
+    tmp_path: Path, target: dict[str, tuple[int, ...]], message: str
+) -> None:
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, params={"w": jnp.ones((4, 3)), "b": jnp.zeros(3)})
+    abstract = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k, shape in target.items()}
+    with pytest.raises(arrays.Mismatch, match=message):
+        arrays.read(epath.Path(tmp_path / "1" / "params"), abstract)
+
+
+def test_many_missing_arrays_are_counted_not_listed(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, params={"w": jnp.ones(3)})
+    abstract = {f"x{i}": jax.ShapeDtypeStruct((3,), jnp.float32) for i in range(6)}
+    abstract["w"] = jax.ShapeDtypeStruct((3,), jnp.float32)
+    with pytest.raises(arrays.Mismatch, match=r"has no x0, x1, x2 and 3 more$"):
+        arrays.read(epath.Path(tmp_path / "1" / "params"), abstract)
+
+
+def test_trees_with_python_scalars_restore_through_orbax(tmp_path: Path) -> None:
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "count": 7, "rate": 0.5}
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, params=state)
+        restored = manager.restore(1, params=state).params
+        assert restored["count"] == 7 and restored["rate"] == 0.5
+        np.testing.assert_array_equal(restored["w"], state["w"])
+        with pytest.raises(CheckpointError, match="does not fit the requested state"):
+            manager.restore(1, params={**state, "extra": 1})

@@ -64,9 +64,9 @@ def test_arrays_come_back_cast_as_asked_in_memory_jax_adopts(
 @pytest.mark.parametrize(
     ("target", "message"),
     [
-        ({"w": (4, 3)}, r"the checkpoint also holds b$"),
-        ({"w": (4, 3), "b": (3,), "c": (2,)}, r"the checkpoint has no c$"),
-        ({"w": (4, 2), "b": (3,)}, r"w is \(4, 3\) in the checkpoint, \(4, 2\) requested"),
+        ({"w": (4, 3)}, r"the checkpoint's params also holds b$"),
+        ({"w": (4, 3), "b": (3,), "c": (2,)}, r"the checkpoint's params has no c$"),
+        ({"w": (4, 2), "b": (3,)}, r"params w is \(4, 3\) in the checkpoint, \(4, 2\) requested"),
     ],
 )
 def test_a_tree_unlike_the_saved_one_is_named(
@@ -76,7 +76,7 @@ def test_a_tree_unlike_the_saved_one_is_named(
         manager.save(1, params={"w": jnp.ones((4, 3)), "b": jnp.zeros(3)})
     abstract = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k, shape in target.items()}
     with pytest.raises(arrays.Mismatch, match=message):
-        arrays.read(epath.Path(tmp_path / "1" / "params"), abstract)
+        arrays.read(epath.Path(tmp_path / "1"), {"params": abstract})
 
 
 def test_many_missing_arrays_are_counted_not_listed(tmp_path: Path) -> None:
@@ -85,15 +85,19 @@ def test_many_missing_arrays_are_counted_not_listed(tmp_path: Path) -> None:
     abstract = {f"x{i}": jax.ShapeDtypeStruct((3,), jnp.float32) for i in range(6)}
     abstract["w"] = jax.ShapeDtypeStruct((3,), jnp.float32)
     with pytest.raises(arrays.Mismatch, match=r"has no x0, x1, x2 and 3 more$"):
-        arrays.read(epath.Path(tmp_path / "1" / "params"), abstract)
+        arrays.read(epath.Path(tmp_path / "1"), {"params": abstract})
 
 
-def test_trees_with_python_scalars_restore_through_orbax(tmp_path: Path) -> None:
-    state = {"w": jnp.arange(6.0).reshape(2, 3), "count": 7, "rate": 0.5}
+def test_trees_with_python_scalars_restore_through_orbax_beside_array_trees(
+    tmp_path: Path,
+) -> None:
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    opt_state = {"m": jnp.ones(3), "count": 7, "rate": 0.5}
     with CheckpointManager(tmp_path) as manager:
-        manager.save(1, params=state)
-        restored = manager.restore(1, params=state).params
-        assert restored["count"] == 7 and restored["rate"] == 0.5
-        np.testing.assert_array_equal(restored["w"], state["w"])
+        manager.save(1, params=params, opt_state=opt_state)
+        restored = manager.restore(1, params=params, opt_state=opt_state)
+        assert restored.opt_state["count"] == 7 and restored.opt_state["rate"] == 0.5
+        np.testing.assert_array_equal(restored.opt_state["m"], opt_state["m"])
+        np.testing.assert_array_equal(restored.params["w"], params["w"])
         with pytest.raises(CheckpointError, match="does not fit the requested state"):
-            manager.restore(1, params={**state, "extra": 1})
+            manager.restore(1, params=params, opt_state={**opt_state, "extra": 1})

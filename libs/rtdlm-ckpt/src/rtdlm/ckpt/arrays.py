@@ -11,9 +11,10 @@ Saving stays with orbax.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -49,12 +50,12 @@ def _listed(names: set[str]) -> str:
     )
 
 
-def _check_names(saved: set[str], requested: list[str]) -> None:
+def _check_names(item: str, saved: set[str], requested: list[str]) -> None:
     missing, extra = set(requested) - saved, saved - set(requested)
     if missing:
-        raise Mismatch(f"the checkpoint has no {_listed(missing)}")
+        raise Mismatch(f"the checkpoint's {item} has no {_listed(missing)}")
     if extra:
-        raise Mismatch(f"the checkpoint also holds {_listed(extra)}")
+        raise Mismatch(f"the checkpoint's {item} also holds {_listed(extra)}")
 
 
 def _key(index: Index) -> tuple[Any, ...]:
@@ -62,42 +63,55 @@ def _key(index: Index) -> tuple[Any, ...]:
     return () if index is None else tuple((s.start, s.stop, s.step) for s in index)
 
 
-def read(item_dir: epath.Path, target: PyTree) -> PyTree:
-    """`target`'s arrays read from the orbax PyTree item in `item_dir`.
+def read(step_dir: epath.Path, targets: Mapping[str, PyTree]) -> dict[str, PyTree]:
+    """Each target tree read from the orbax PyTree item of its name in `step_dir`.
 
-    `target` is a tree of jax.ShapeDtypeStruct; each leaf's sharding (the first local device
+    Targets are trees of jax.ShapeDtypeStruct; each leaf's sharding (the first local device
     where it has none) says which shards this process reads and where they go, so a
     checkpoint moves between device layouts. A dtype unlike the saved one is cast on reading.
-    Raises Mismatch when the tree's arrays or shapes are not the checkpoint's.
+    Raises Mismatch when a tree's arrays or shapes are not the checkpoint's.
     """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-    names = [".".join(ocp.tree.str_keypath(path)) for path, _ in leaves]
-    metadata = json.loads((item_dir / "_METADATA").read_text())
-    saved = {
-        ".".join(str(key["key"]) for key in entry["key_metadata"])
-        for entry in metadata["tree_metadata"].values()
-        if not entry["value_metadata"].get("skip_deserialize")
-    }
-    _check_names(saved, names)
     context = ts.Context({"file_io_mode": {"mode": "memmap"}}, ocp.type_handlers.get_ts_context())
-    info = ocp.type_handlers.ParamInfo(
-        name="",
-        parent_dir=item_dir,
-        use_zarr3=metadata.get("use_zarr3", False),
-        ts_context=context,
-    )
-    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=metadata.get("use_ocdbt", True))
-    with ts.Batch() as batch:
-        opening = [
-            ts.open(_named(spec, name), context=context, open=True, batch=batch) for name in names
+    wanted: list[tuple[str, jax.ShapeDtypeStruct, dict[str, Any]]] = []  # name, leaf, spec
+    trees = {}
+    for item, target in targets.items():
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+        names = [".".join(ocp.tree.str_keypath(path)) for path, _ in leaves]
+        metadata = json.loads((step_dir / item / "_METADATA").read_text())
+        saved = {
+            ".".join(str(key["key"]) for key in entry["key_metadata"])
+            for entry in metadata["tree_metadata"].values()
+            if not entry["value_metadata"].get("skip_deserialize")
+        }
+        _check_names(item, saved, names)
+        info = ocp.type_handlers.ParamInfo(
+            name="",
+            parent_dir=step_dir / item,
+            use_zarr3=metadata.get("use_zarr3", False),
+            ts_context=context,
+        )
+        spec = ocp.type_handlers.get_json_tspec_read(
+            info, use_ocdbt=metadata.get("use_ocdbt", True)
+        )
+        wanted += [
+            (f"{item} {name}", leaf, _named(spec, name))
+            for name, (_, leaf) in zip(names, leaves, strict=True)
         ]
+        trees[item] = (treedef, len(leaves))
+    with ts.Batch() as batch:
+        opening = [ts.open(spec, context=context, open=True, batch=batch) for *_, spec in wanted]
     with ts.Batch() as batch:
         shards = [
             _start(future.result(), name, leaf, batch)
-            for future, name, (_, leaf) in zip(opening, names, leaves, strict=True)
+            for future, (name, leaf, _) in zip(opening, wanted, strict=True)
         ]
-    arrays = [_assemble(leaf, pending) for (_, leaf), pending in zip(leaves, shards, strict=True)]
-    return jax.tree_util.tree_unflatten(treedef, arrays)
+    arrays = iter(
+        [_assemble(leaf, pending) for (_, leaf, _), pending in zip(wanted, shards, strict=True)]
+    )
+    return {
+        item: jax.tree_util.tree_unflatten(treedef, itertools.islice(arrays, count))
+        for item, (treedef, count) in trees.items()
+    }
 
 
 def _named(spec: dict[str, Any], name: str) -> dict[str, Any]:

@@ -182,11 +182,13 @@ def _rng_from_json(saved: dict[str, Any]) -> jax.Array:
     return jax.random.wrap_key_data(data, impl=saved["impl"]) if saved["typed"] else data
 
 
-def _abstract_on_default_device(metadata_tree: PyTree) -> PyTree:
-    """A restore target from saved metadata: every array whole on this process's first device."""
+def _saved_target(item_dir: epath.Path) -> PyTree:
+    """A restore target from the item's metadata (nothing else read): every array whole on this
+    process's first device."""
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata_tree
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        ocp.StandardCheckpointHandler().metadata(item_dir).tree,
     )
 
 
@@ -201,21 +203,28 @@ def _array_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
 
 
-def _read_arrays(item_dir: epath.Path, target: PyTree) -> PyTree:
-    """An array item, through rtdlm.ckpt.arrays; orbax reads trees holding other leaves."""
-    if target is None:  # read this item's metadata only: params-only loads never touch the rest
-        metadata = ocp.StandardCheckpointHandler().metadata(item_dir)
-        target = _abstract_on_default_device(metadata.tree)
-    target = _as_target(target)
-    if all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(target)):
-        return arrays.read(item_dir, target)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    try:
-        return _array_handler().restore(
-            item_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
-        )
-    except ValueError as error:  # orbax's word for a tree that does not fit
-        raise arrays.Mismatch(_summary(error)) from error
+def _read_arrays(step_dir: epath.Path, targets: dict[str, PyTree]) -> dict[str, PyTree]:
+    """Array items, all at once through rtdlm.ckpt.arrays; orbax reads trees of other leaves."""
+    targets = {
+        item: _as_target(_saved_target(step_dir / item) if target is None else target)
+        for item, target in targets.items()
+    }
+    arrays_only = {
+        item: target
+        for item, target in targets.items()
+        if all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(target))
+    }
+    restored = arrays.read(step_dir, arrays_only)
+    for item in targets.keys() - arrays_only.keys():
+        target = targets[item]
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        try:
+            restored[item] = _array_handler().restore(
+                step_dir / item, args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
+            )
+        except ValueError as error:  # orbax's word for a tree that does not fit
+            raise arrays.Mismatch(_summary(error)) from error
+    return restored
 
 
 def _as_target(tree: PyTree) -> PyTree:
@@ -712,10 +721,8 @@ class CheckpointManager:
             with _no_gc():
                 documents = {item: ocp.args.JsonRestore() for item in items if item in _JSON_ITEMS}
                 restored = dict(self._manager.restore(step, args=ocp.args.Composite(**documents)))
-                for item in items:
-                    if item not in _JSON_ITEMS:
-                        restored[item] = _read_arrays(step_dir / item, targets.get(item))
-                return restored
+                wanted = {item: targets.get(item) for item in items if item not in _JSON_ITEMS}
+                return restored | _read_arrays(step_dir, wanted)
         except arrays.Mismatch as error:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not fit the requested state "

@@ -96,6 +96,7 @@ def test_trees_with_python_scalars_restore_through_orbax_beside_array_trees(
     with CheckpointManager(tmp_path) as manager:
         manager.save(1, params=params, opt_state=opt_state)
         restored = manager.restore(1, params=params, opt_state=opt_state)
+        assert restored.opt_state is not None
         assert restored.opt_state["count"] == 7 and restored.opt_state["rate"] == 0.5
         np.testing.assert_array_equal(restored.opt_state["m"], opt_state["m"])
         np.testing.assert_array_equal(restored.params["w"], params["w"])

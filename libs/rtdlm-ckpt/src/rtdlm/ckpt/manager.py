@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import datetime
 import errno
-import gc
 import importlib.metadata
 import logging
 import math
@@ -35,7 +34,7 @@ import shutil
 import socket
 import subprocess  # nosec B404 # only for `git rev-parse HEAD` below
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -237,19 +236,6 @@ def _as_target(tree: PyTree) -> PyTree:
         ),
         tree,
     )
-
-
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """Pauses Python's cyclic GC: orbax allocates enough objects per array to start several
-    full collections of the caller's heap (restore 0.54 -> 0.49 s for small's state)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _path(directory: str | os.PathLike[str]) -> epath.Path:
@@ -718,11 +704,10 @@ class CheckpointManager:
     def _read(self, step: int, items: list[str], targets: dict[str, PyTree]) -> dict[str, Any]:
         step_dir = self.directory / str(step)
         try:
-            with _no_gc():
-                documents = {item: ocp.args.JsonRestore() for item in items if item in _JSON_ITEMS}
-                restored = dict(self._manager.restore(step, args=ocp.args.Composite(**documents)))
-                wanted = {item: targets.get(item) for item in items if item not in _JSON_ITEMS}
-                return restored | _read_arrays(step_dir, wanted)
+            documents = {item: ocp.args.JsonRestore() for item in items if item in _JSON_ITEMS}
+            restored = dict(self._manager.restore(step, args=ocp.args.Composite(**documents)))
+            wanted = {item: targets.get(item) for item in items if item not in _JSON_ITEMS}
+            return restored | _read_arrays(step_dir, wanted)
         except arrays.Mismatch as error:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not fit the requested state "

@@ -1,3 +1,4 @@
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -5,12 +6,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from etils import epath
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtdlm.ckpt import CheckpointError, CheckpointManager, arrays
+from rtdlm.ckpt import manager as ckpt_manager
 
 DTYPES = [np.float32, jnp.bfloat16, np.int32]
 
@@ -102,3 +106,17 @@ def test_trees_with_python_scalars_restore_through_orbax_beside_array_trees(
         np.testing.assert_array_equal(restored.params["w"], params["w"])
         with pytest.raises(CheckpointError, match="does not fit the requested state"):
             manager.restore(1, params=params, opt_state={**opt_state, "extra": 1})
+
+
+def test_checkpoints_written_compressed_still_restore(tmp_path: Path) -> None:
+    params = {"w": jnp.arange(4096.0).reshape(64, 64), "b": jnp.zeros(64)}
+    with pytest.MonkeyPatch.context() as patch:  # as rtdlm-ckpt wrote them before 2026-12
+        patch.setattr(ckpt_manager, "_array_handler", lambda: ocp.PyTreeCheckpointHandler())
+        with CheckpointManager(tmp_path) as saving:
+            saving.save(1, params=params)
+    kvstore = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{tmp_path}/1/params/"}).result()
+    zarray = json.loads(kvstore.read(b"w/.zarray").result().value)
+    assert zarray["compressor"] is not None
+    with CheckpointManager(tmp_path) as restoring:
+        restored = restoring.restore(1, params=params).params
+    np.testing.assert_array_equal(restored["w"], params["w"])

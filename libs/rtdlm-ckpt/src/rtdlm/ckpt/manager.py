@@ -194,10 +194,10 @@ def _saved_target(item_dir: epath.Path) -> PyTree:
 def _array_handler() -> ocp.PyTreeCheckpointHandler:
     """Arrays stored uncompressed: zstd saved under 10% of the bytes of trained float weights
     and halved restore throughput. Checkpoints written compressed still restore."""
-    arrays = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store())
+    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store())
     others = (int, float, bytes, np.number, np.ndarray, str, type(ocp.PLACEHOLDER))
     registry = ocp.type_handlers.create_type_handler_registry(
-        (jax.Array, arrays), *((ty, ocp.type_handlers.get_type_handler(ty)) for ty in others)
+        (jax.Array, handler), *((ty, ocp.type_handlers.get_type_handler(ty)) for ty in others)
     )
     return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
 

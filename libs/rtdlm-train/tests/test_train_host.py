@@ -15,6 +15,7 @@ import pytest
 from rtdlm.train.host import (
     HUGE_PAGES,
     REUSE,
+    accelerator,
     glibc_version,
     transparent_huge_pages,
     tunables_environ,
@@ -99,3 +100,14 @@ def test_the_tunables_are_added_once_where_they_apply_and_not_over_a_users_choic
     assert tunables_environ({}, (2, 34), thp) == {"GLIBC_TUNABLES": ":".join(REUSE)}  # no hugetlb
     assert tunables_environ({}, (2, 25), thp) is None  # before tunables existed
     assert tunables_environ({}, None, thp) is None  # musl, macOS
+    # steps on a GPU or TPU: their buffers are on the device, so only huge pages are asked for
+    assert tunables_environ({}, glibc, thp, on_accelerator=True) == {"GLIBC_TUNABLES": HUGE_PAGES}
+    assert tunables_environ({}, (2, 34), thp, on_accelerator=True) is None
+
+
+def test_an_accelerator_is_what_jax_would_pick_first() -> None:
+    assert accelerator({"JAX_PLATFORMS": "cuda,cpu"})
+    assert accelerator({"JAX_PLATFORMS": "tpu"})
+    assert not accelerator({"JAX_PLATFORMS": "cpu"})
+    assert not accelerator({"JAX_PLATFORMS": " cpu , cuda"})
+    assert not accelerator({})  # the cpu resolve installs no PJRT plugin and no libtpu

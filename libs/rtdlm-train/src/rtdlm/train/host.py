@@ -14,12 +14,18 @@ even in 2 MB pages. Four glibc tunables make the block a reused one instead:
 - `glibc.malloc.hugetlb=1`: the heap is backed by transparent huge pages where the kernel
   offers them (`madvise` or `always`): fewer TLB misses, and 2 MB faults the first time.
 
+The first three fix a cost of XLA:CPU's step buffers and were measured only there: where jax
+will run on a GPU or TPU, step buffers live on the device, and only huge pages are asked for (a
+host that keeps its peak heap would hold every checkpoint's host copy for good).
+
 glibc reads tunables only when a process starts, so a program that wants them restarts itself
 once, first thing (`restart_with_tunables`); library users can export GLIBC_TUNABLES instead.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import sys
@@ -57,26 +63,42 @@ def transparent_huge_pages() -> str | None:
     return selected[0] if selected else None
 
 
-def wanted_tunables(libc: tuple[int, int] | None, thp: str | None) -> tuple[str, ...]:
+def accelerator(environ: Mapping[str, str]) -> bool:
+    """Whether jax will run on a GPU or TPU: JAX_PLATFORMS names one first or, where it is unset,
+    a PJRT plugin (jax-cuda12-plugin, say) or libtpu is installed, as jax itself looks for them."""
+    platforms = [name.strip() for name in environ.get("JAX_PLATFORMS", "").split(",")]
+    if platforms[0]:
+        return platforms[0] != "cpu"
+    plugins = importlib.metadata.entry_points(group="jax_plugins")
+    return bool(plugins) or any(importlib.util.find_spec(m) for m in ("jax_plugins", "libtpu"))
+
+
+def wanted_tunables(
+    libc: tuple[int, int] | None, thp: str | None, on_accelerator: bool = False
+) -> tuple[str, ...]:
     """The tunables that take effect here: the reuse ones from glibc 2.26 (tunables' first
-    release), huge pages from glibc 2.35 where the kernel's transparent huge pages are on."""
+    release) where steps run on the CPU, huge pages from glibc 2.35 where the kernel's
+    transparent huge pages are on."""
     if libc is None or libc < (2, 26):
         return ()
+    reuse = () if on_accelerator else REUSE
     huge = libc >= (2, 35) and thp in ("always", "madvise")
-    return (*REUSE, HUGE_PAGES) if huge else REUSE
+    return (*reuse, HUGE_PAGES) if huge else reuse
 
 
 def tunables_environ(
     environ: Mapping[str, str],
     libc: tuple[int, int] | None,
     thp: str | None,
+    on_accelerator: bool = False,
 ) -> dict[str, str] | None:
     """The environment to restart with, or None where there is nothing to add: each wanted
     tunable that GLIBC_TUNABLES does not name already (a user's own value, `hugetlb=0` say,
     is kept)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
     named = {item.partition("=")[0] for item in tunables.split(":")}
-    added = [t for t in wanted_tunables(libc, thp) if t.partition("=")[0] not in named]
+    wanted = wanted_tunables(libc, thp, on_accelerator)
+    added = [t for t in wanted if t.partition("=")[0] not in named]
     if not added:
         return None
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, *added]))}
@@ -86,7 +108,9 @@ def restart_with_tunables() -> None:
     """Replace this process with the same command line under the wanted tunables, where that
     adds any; otherwise return. Call it first in a program's entry point: whatever ran before
     it runs twice. The process id, open files and arguments stay the same."""
-    environ = tunables_environ(os.environ, glibc_version(), transparent_huge_pages())
+    environ = tunables_environ(
+        os.environ, glibc_version(), transparent_huge_pages(), accelerator(os.environ)
+    )
     if environ is None:
         return
     log.debug("restarting with GLIBC_TUNABLES=%s", environ["GLIBC_TUNABLES"])

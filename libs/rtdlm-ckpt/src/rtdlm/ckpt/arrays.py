@@ -5,8 +5,9 @@ metadata trees, a device_put each): tiny's train state, 116 arrays in 42 MB, res
 the page cache in 0.11 s where plain reads of the same bytes took 0.012 s. Here orbax still
 names every array's files (its param names and tensorstore spec), and tensorstore opens all
 arrays in one batch and reads them in another, through mmap, each shard into 64-byte aligned
-memory that XLA:CPU adopts without a copy (on a GPU the copy to the device is needed anyway).
-Saving stays with orbax.
+memory that XLA:CPU adopts without a copy. On a GPU each shard is then copied to its device,
+so a restore holds this process's shards in host memory at once, where orbax capped the bytes
+in flight. Saving stays with orbax.
 """
 
 from __future__ import annotations

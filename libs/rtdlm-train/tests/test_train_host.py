@@ -67,7 +67,7 @@ def test_a_restarted_process_reuses_its_step_buffer() -> None:
     # What to expect follows from this machine: where the tunables cannot apply (another C
     # library) the restart is a no-op; with THP `always` every process has huge pages.
     thp = transparent_huge_pages()
-    wanted = ":".join(wanted_tunables(glibc_version(), thp))
+    wanted = ":".join(wanted_tunables(glibc_version(), thp, accelerator(os.environ)))
     default, restarted = run("default"), run("restart")
     assert default["tunables"] == ""
     assert restarted["tunables"] == wanted

@@ -73,6 +73,7 @@ def read(step_dir: epath.Path, targets: Mapping[str, PyTree]) -> dict[str, PyTre
     Raises Mismatch when a tree's arrays or shapes are not the checkpoint's.
     """
     context = ts.Context({"file_io_mode": {"mode": "memmap"}}, ocp.type_handlers.get_ts_context())
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     wanted: list[tuple[str, jax.ShapeDtypeStruct, dict[str, Any]]] = []  # name, leaf, spec
     trees = {}
     for item, target in targets.items():
@@ -95,7 +96,7 @@ def read(step_dir: epath.Path, targets: Mapping[str, PyTree]) -> dict[str, PyTre
             info, use_ocdbt=metadata.get("use_ocdbt", True)
         )
         wanted += [
-            (f"{item} {name}", leaf, _named(spec, name))
+            (f"{item} {name}", leaf.update(sharding=leaf.sharding or default), _named(spec, name))
             for name, (_, leaf) in zip(names, leaves, strict=True)
         ]
         trees[item] = (treedef, len(leaves))
@@ -120,10 +121,6 @@ def _named(spec: dict[str, Any], name: str) -> dict[str, Any]:
     return {**spec, "kvstore": {**spec["kvstore"], "path": name}}
 
 
-def _sharding(leaf: jax.ShapeDtypeStruct) -> jax.sharding.Sharding:
-    return leaf.sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-
 def _start(store: ts.TensorStore, name: str, leaf: jax.ShapeDtypeStruct, batch: ts.Batch) -> Shards:
     """Starts reading each distinct shard this process holds; returns shard -> (memory, read)."""
     if tuple(store.shape) != tuple(leaf.shape):
@@ -131,7 +128,7 @@ def _start(store: ts.TensorStore, name: str, leaf: jax.ShapeDtypeStruct, batch: 
     if store.dtype.numpy_dtype != leaf.dtype:
         store = ts.cast(store, ts.dtype(leaf.dtype))
     pending: Shards = {}
-    for index in _sharding(leaf).addressable_devices_indices_map(leaf.shape).values():
+    for index in leaf.sharding.addressable_devices_indices_map(leaf.shape).values():
         if _key(index) not in pending:
             region = store if index is None else store[index]
             out = empty(region.shape, leaf.dtype)
@@ -147,4 +144,4 @@ def _assemble(leaf: jax.ShapeDtypeStruct, pending: Shards) -> jax.Array:
     def shard(index: Index) -> np.ndarray:
         return pending[_key(index)][0]
 
-    return jax.make_array_from_callback(leaf.shape, _sharding(leaf), shard)
+    return jax.make_array_from_callback(leaf.shape, leaf.sharding, shard)

@@ -328,8 +328,12 @@ class CheckpointManager:
         self._failed_tmp: set[epath.Path] = set()  # removed, but stragglers may recreate them
         self._git_revision: str | None = None
         self._versions: dict[str, str] | None = None
+        # orbax's default step directories, kept so steps() can list them without orbax's
+        # reload, which also reads every step's metrics on new threads (3 ms for one step).
+        self._step_names = ocp.path.step.standard_name_format()
         with quiet.read_only_notices() if read_only else contextlib.nullcontext():
             options = ocp.CheckpointManagerOptions(
+                step_name_format=self._step_names,
                 preservation_policy=PreservationPolicy(retention),
                 # Orbax records metrics, and reads them back for retention, only with a best_fn.
                 best_fn=lambda metrics: metrics.get(retention.best_metric, math.nan),
@@ -428,8 +432,7 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first (a save in flight is not one until it commits)."""
-        self._manager.reload()
-        return sorted(self._manager.all_steps())
+        return sorted(metadata.step for metadata in self._step_names.find_all(self.directory))
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -704,8 +707,12 @@ class CheckpointManager:
     def _read(self, step: int, items: list[str], targets: dict[str, PyTree]) -> dict[str, Any]:
         step_dir = self.directory / str(step)
         try:
-            documents = {item: ocp.args.JsonRestore() for item in items if item in _JSON_ITEMS}
-            restored = dict(self._manager.restore(step, args=ocp.args.Composite(**documents)))
+            # Each document by its handler: orbax's manager.restore took 2 ms for three.
+            restored = {
+                item: ocp.JsonCheckpointHandler().restore(step_dir / item)
+                for item in items
+                if item in _JSON_ITEMS
+            }
             wanted = {item: targets.get(item) for item in items if item not in _JSON_ITEMS}
             return restored | _read_arrays(step_dir, wanted)
         except arrays.Mismatch as error:

@@ -1,3 +1,4 @@
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -120,3 +121,40 @@ def test_checkpoints_written_compressed_still_restore(tmp_path: Path) -> None:
     with CheckpointManager(tmp_path) as restoring:
         restored = restoring.restore(1, params=params).params
     np.testing.assert_array_equal(restored["w"], params["w"])
+
+
+@given(st.lists(st.integers(0, 100), max_size=30), st.integers(1, 150))
+def test_groups_are_consecutive_runs_under_the_limit(sizes: list[int], limit: int) -> None:
+    runs = arrays.groups(sizes, limit)
+    assert [i for run in runs for i in run] == list(range(len(sizes)))
+    for run in runs:
+        assert len(run) > 0
+        assert len(run) == 1 or sum(sizes[i] for i in run) <= limit
+    for run, after in itertools.pairwise(runs):  # a run ends only where the next won't fit
+        assert sum(sizes[i] for i in run) + sizes[after[0]] > limit
+
+
+def test_reads_capped_in_flight_go_in_groups_and_return_the_same_arrays(tmp_path: Path) -> None:
+    # 160, 320, 480, 640 and 800 bytes under a limit of 641: w0 and w1 together, the rest alone.
+    tree = {f"w{i}": jnp.arange(40 * (i + 1), dtype=jnp.float32).reshape(-1, 4) for i in range(5)}
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, params=tree)
+    target = {"params": ckpt_manager._as_target(tree)}
+    events: list[str] = []
+    start, assemble = arrays._start, arrays._assemble
+
+    def starting(*args: Any) -> Any:
+        events.append("read")
+        return start(*args)
+
+    def assembling(*args: Any) -> Any:
+        events.append("place")
+        return assemble(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(arrays, "_start", starting)
+        patch.setattr(arrays, "_assemble", assembling)
+        capped = arrays.read(epath.Path(tmp_path) / "1", target, in_flight=641)
+    assert " ".join(events) == "read read place place" + " read place" * 3
+    for name, value in tree.items():
+        np.testing.assert_array_equal(capped["params"][name], value)

@@ -77,7 +77,8 @@ def read(
     Raises Mismatch when a tree's arrays or shapes are not the checkpoint's.
     """
     context = ts.Context({"file_io_mode": {"mode": "memmap"}}, ocp.type_handlers.get_ts_context())
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.local_devices()[0]
+    default = jax.sharding.SingleDeviceSharding(device)
     wanted: list[tuple[str, jax.ShapeDtypeStruct, dict[str, Any]]] = []  # name, leaf, spec
     trees = {}
     for item, target in targets.items():
@@ -106,17 +107,18 @@ def read(
         trees[item] = (treedef, len(leaves))
     with ts.Batch() as batch:
         opening = [ts.open(spec, context=context, open=True, batch=batch) for *_, spec in wanted]
-    if in_flight is None and jax.local_devices()[0].platform == "cpu":
+    places = [_places(leaf) for _, leaf, _ in wanted]
+    if in_flight is None and device.platform == "cpu":
         runs = [range(len(wanted))]  # read memory becomes the arrays' own: nothing to cap
     else:
-        sizes = [_local_bytes(leaf) for _, leaf, _ in wanted]
+        sizes = [_bytes(leaf, held) for (_, leaf, _), held in zip(wanted, places, strict=True)]
         runs = groups(sizes, IN_FLIGHT if in_flight is None else in_flight)
     restored: list[jax.Array] = []
     for group in runs:
         with ts.Batch() as batch:
-            shards = [_start(opening[i].result(), *wanted[i][:2], batch) for i in group]
+            shards = [_start(opening[i].result(), *wanted[i][:2], places[i], batch) for i in group]
         restored += [
-            _assemble(wanted[i][1], pending) for i, pending in zip(group, shards, strict=False)
+            _assemble(wanted[i][1], pending) for i, pending in zip(group, shards, strict=True)
         ]
         del shards  # the group's host memory is freed before the next group's is taken
     arrays = iter(restored)
@@ -137,11 +139,16 @@ def groups(sizes: Sequence[int], limit: int) -> list[range]:
     return runs + ([range(start, len(sizes))] if sizes else [])
 
 
-def _local_bytes(leaf: jax.ShapeDtypeStruct) -> int:
-    """Host bytes of the distinct shards this process reads of the leaf."""
+def _places(leaf: jax.ShapeDtypeStruct) -> dict[tuple[Any, ...], Index]:
+    """The distinct shards this process holds of the leaf (replicas share one read), by key."""
     indices = leaf.sharding.addressable_devices_indices_map(leaf.shape).values()
+    return {_key(index): index for index in indices}
+
+
+def _bytes(leaf: jax.ShapeDtypeStruct, places: Mapping[tuple[Any, ...], Index]) -> int:
+    """Host bytes of those shards."""
     shard = math.prod(leaf.sharding.shard_shape(leaf.shape))
-    return len({_key(index) for index in indices}) * shard * np.dtype(leaf.dtype).itemsize
+    return len(places) * shard * np.dtype(leaf.dtype).itemsize
 
 
 def _named(spec: dict[str, Any], name: str) -> dict[str, Any]:
@@ -149,18 +156,23 @@ def _named(spec: dict[str, Any], name: str) -> dict[str, Any]:
     return {**spec, "kvstore": {**spec["kvstore"], "path": name}}
 
 
-def _start(store: ts.TensorStore, name: str, leaf: jax.ShapeDtypeStruct, batch: ts.Batch) -> Shards:
-    """Starts reading each distinct shard this process holds; returns shard -> (memory, read)."""
+def _start(
+    store: ts.TensorStore,
+    name: str,
+    leaf: jax.ShapeDtypeStruct,
+    places: Mapping[tuple[Any, ...], Index],
+    batch: ts.Batch,
+) -> Shards:
+    """Starts reading each of the leaf's `places`; returns shard -> (memory, read)."""
     if tuple(store.shape) != tuple(leaf.shape):
         raise Mismatch(f"{name} is {tuple(store.shape)} in the checkpoint, {leaf.shape} requested")
     if store.dtype.numpy_dtype != leaf.dtype:
         store = ts.cast(store, ts.dtype(leaf.dtype))
     pending: Shards = {}
-    for index in leaf.sharding.addressable_devices_indices_map(leaf.shape).values():
-        if _key(index) not in pending:
-            region = store if index is None else store[index]
-            out = empty(region.shape, leaf.dtype)
-            pending[_key(index)] = (out, ts.array(out).write(region, batch=batch))
+    for key, index in places.items():
+        region = store if index is None else store[index]
+        out = empty(region.shape, leaf.dtype)
+        pending[key] = (out, ts.array(out).write(region, batch=batch))
     return pending
 
 

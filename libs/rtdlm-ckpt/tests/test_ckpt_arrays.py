@@ -158,3 +158,63 @@ def test_reads_capped_in_flight_go_in_groups_and_return_the_same_arrays(tmp_path
     assert " ".join(events) == "read read place place" + " read place" * 3
     for name, value in tree.items():
         np.testing.assert_array_equal(capped["params"][name], value)
+
+
+@st.composite
+def chunked_regions(draw: st.DrawFn) -> tuple[np.ndarray, list[int], list[tuple[int, int]]]:
+    """An array, a zarr chunk shape (edge chunks padded) and a region of the array."""
+    shape = draw(st.lists(st.integers(1, 9), max_size=3))
+    chunk = [draw(st.integers(1, n + 2)) for n in shape]
+    dtype = draw(st.sampled_from(DTYPES))
+    box = [tuple(sorted(draw(st.lists(st.integers(0, n), min_size=2, max_size=2)))) for n in shape]
+    box = [
+        (start, stop) if start < stop else (0, n)
+        for (start, stop), n in zip(box, shape, strict=False)
+    ]
+    values = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) * 0.5 - 7
+    return np.asarray(values).astype(dtype), chunk, box  # type: ignore[return-value]
+
+
+@settings(max_examples=30, deadline=None)
+@given(chunked_regions())
+def test_plain_chunks_read_with_preads_give_any_region_of_any_chunking(
+    case: tuple[np.ndarray, list[int], list[tuple[int, int]]],
+) -> None:
+    values, chunk, box = case
+    dtype = "bfloat16" if values.dtype == jnp.bfloat16 else values.dtype.str
+    with tempfile.TemporaryDirectory() as directory:
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "ocdbt", "base": f"file://{directory}/", "path": "a"},
+            "metadata": {
+                "shape": values.shape,
+                "chunks": chunk,
+                "dtype": dtype,
+                "compressor": None,
+            },
+        }
+        ts.open(spec, create=True).result().write(values).result()
+        stored = arrays.stored_values(epath.Path(directory))
+        assert stored is not None
+        assert {type(value) for value in stored.values()} <= {bytes, tuple}
+        source = arrays.chunked(stored, "a")
+        assert source is not None and source.chunk == tuple(chunk)
+        out = np.empty([stop - start for start, stop in box], values.dtype)
+        with arrays._Files() as files:
+            arrays._fill(out, box, source, files)
+    np.testing.assert_array_equal(out, values[tuple(slice(*span) for span in box)])
+
+
+def test_compressed_arrays_and_missing_chunks_are_left_to_tensorstore(tmp_path: Path) -> None:
+    store = ts.open(
+        {
+            "driver": "zarr",
+            "kvstore": {"driver": "ocdbt", "base": f"file://{tmp_path}/", "path": "a"},
+            "metadata": {"shape": [4, 4], "chunks": [2, 4], "dtype": "<f4"},  # blosc by default
+        },
+        create=True,
+    ).result()
+    store[:2].write(np.ones((2, 4), np.float32)).result()
+    stored = arrays.stored_values(epath.Path(tmp_path))
+    assert stored is not None and arrays.chunked(stored, "a") is None
+    assert arrays.stored_values(epath.Path(tmp_path) / "elsewhere") is None

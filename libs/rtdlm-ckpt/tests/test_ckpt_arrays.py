@@ -81,7 +81,7 @@ def test_a_tree_unlike_the_saved_one_is_named(
         manager.save(1, params={"w": jnp.ones((4, 3)), "b": jnp.zeros(3)})
     abstract = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k, shape in target.items()}
     with pytest.raises(arrays.Mismatch, match=message):
-        arrays.read(epath.Path(tmp_path / "1"), {"params": abstract})
+        arrays.plan(epath.Path(tmp_path / "1"), {"params": abstract})
 
 
 def test_many_missing_arrays_are_counted_not_listed(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_many_missing_arrays_are_counted_not_listed(tmp_path: Path) -> None:
     abstract = {f"x{i}": jax.ShapeDtypeStruct((3,), jnp.float32) for i in range(6)}
     abstract["w"] = jax.ShapeDtypeStruct((3,), jnp.float32)
     with pytest.raises(arrays.Mismatch, match=r"has no x0, x1, x2 and 3 more$"):
-        arrays.read(epath.Path(tmp_path / "1"), {"params": abstract})
+        arrays.plan(epath.Path(tmp_path / "1"), {"params": abstract})
 
 
 def test_trees_with_python_scalars_restore_through_orbax_beside_array_trees(
@@ -154,7 +154,7 @@ def test_reads_capped_in_flight_go_in_groups_and_return_the_same_arrays(tmp_path
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(arrays, "_start", starting)
         patch.setattr(arrays, "_assemble", assembling)
-        capped = arrays.read(epath.Path(tmp_path) / "1", target, in_flight=641)
+        capped = arrays.read(arrays.plan(epath.Path(tmp_path) / "1", target, in_flight=641))
     assert " ".join(events) == "read read place place" + " read place" * 3
     for name, value in tree.items():
         np.testing.assert_array_equal(capped["params"][name], value)
@@ -182,6 +182,7 @@ def test_plain_chunks_read_with_preads_give_any_region_of_any_chunking(
 ) -> None:
     values, chunk, box = case
     dtype = "bfloat16" if values.dtype == jnp.bfloat16 else values.dtype.str
+    handed: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as directory:
         spec = {
             "driver": "zarr",
@@ -199,10 +200,19 @@ def test_plain_chunks_read_with_preads_give_any_region_of_any_chunking(
         assert {type(value) for value in stored.values()} <= {bytes, tuple}
         source = arrays.chunked(stored, "a")
         assert source is not None and source.chunk == tuple(chunk)
-        out = np.empty([stop - start for start, stop in box], values.dtype)
-        with arrays._Files() as files:
-            arrays._fill(out, box, source, files)
-    np.testing.assert_array_equal(out, values[tuple(slice(*span) for span in box)])
+        leaf = jax.ShapeDtypeStruct(values.shape, values.dtype)
+        places: dict[tuple[Any, ...], arrays.Index] = {(): tuple(slice(*s) for s in box)}
+        whole = arrays._whole([("a", leaf, source)], [places])
+        reads: arrays.Reads = {}
+        copies: list[Any] = []
+        with ts.Batch() as batch:
+            shards = arrays._start("a", leaf, source, places, batch, reads, copies)
+        arrays._read_files(reads, whole, lambda path, parts: handed.update({path: b"".join(parts)}))
+        for copy in copies:
+            copy()
+        on_disk = {path: Path(path).read_bytes() for path in whole}
+    np.testing.assert_array_equal(shards[()][0], values[tuple(slice(*span) for span in box)])
+    assert handed == on_disk  # each file read whole went on with exactly its bytes
 
 
 def test_compressed_arrays_and_missing_chunks_are_left_to_tensorstore(tmp_path: Path) -> None:
@@ -218,3 +228,16 @@ def test_compressed_arrays_and_missing_chunks_are_left_to_tensorstore(tmp_path: 
     stored = arrays.stored_values(epath.Path(tmp_path))
     assert stored is not None and arrays.chunked(stored, "a") is None
     assert arrays.stored_values(epath.Path(tmp_path) / "elsewhere") is None
+
+
+def test_files_read_whole_are_handed_on_with_their_bytes(tmp_path: Path) -> None:
+    tree = {"w": jnp.arange(4096.0).reshape(64, 64), "b": jnp.ones(300), "s": jnp.int32(3)}
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, params=tree)
+    plan = arrays.plan(epath.Path(tmp_path) / "1", {"params": ckpt_manager._as_target(tree)})
+    handed: dict[str, bytes] = {}
+    restored = arrays.read(plan, on_file=lambda path, parts: handed.update({path: b"".join(parts)}))
+    assert plan.whole and set(handed) == set(plan.whole)
+    assert all(Path(path).read_bytes() == data for path, data in handed.items())
+    for name, value in tree.items():
+        np.testing.assert_array_equal(restored["params"][name], value)

@@ -198,6 +198,30 @@ def test_corruption_is_detected_naming_the_checkpoint(tmp_path: Path, damage: st
         restore_params(tmp_path, step=5)
 
 
+def test_data_files_are_checked_from_the_bytes_restore_read(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(5, params=model_params())
+    victim = largest_file(tmp_path / "5", "params")
+    from_disk: list[str] = []
+    hash_file = integrity._digest
+
+    def recording(path: epath.Path, kind: str) -> str:
+        from_disk.append(str(path))
+        return hash_file(path, kind)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(integrity, "_digest", recording)
+        restore_params(tmp_path, step=5)
+        assert from_disk and str(victim) not in from_disk  # hashed as read, not read again
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 3] ^= 0x10
+        victim.write_bytes(bytes(data))
+        name = victim.relative_to(tmp_path / "5")
+        with pytest.raises(CorruptCheckpointError, match=f"{name} does not match its XXH3-128"):
+            restore_params(tmp_path, step=5)
+    assert str(victim) not in from_disk
+
+
 def test_manifests_hash_files_of_any_size_as_their_bytes(tmp_path: Path) -> None:
     contents = {
         "empty": b"",

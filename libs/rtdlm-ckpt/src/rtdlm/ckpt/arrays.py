@@ -5,21 +5,25 @@ metadata trees, a device_put each): tiny's train state, 116 arrays in 42 MB, res
 the page cache in 0.11 s where plain reads of the same bytes took 0.012 s. Opening each array
 through tensorstore's zarr driver still cost about 0.15 ms an array. So where an item is a
 local OCDBT database of uncompressed zarr v2 chunks (what rtdlm-ckpt writes), its keys are
-listed from the database's B-tree (`ts.ocdbt.dump`) and each chunk is read with plain preads
-straight into 64-byte aligned memory, which XLA:CPU adopts without a copy. Other layouts
-(remote storage, compressed or zarr3 arrays) are opened and read through tensorstore, all
-arrays in one batch. On a GPU each shard is then copied to its device, so reads go in groups
-of at most `IN_FLIGHT` host bytes, orbax's cap. Saving stays with orbax.
+listed from the database's B-tree (`ts.ocdbt.dump`) and its files are read with plain preads,
+a file at a time on each core, each chunk straight into 64-byte aligned memory that XLA:CPU
+adopts without a copy. A file read whole is handed on with its bytes in order, so the
+manifest check hashes it from memory instead of reading it again. Other layouts (remote
+storage, compressed or zarr3 arrays) are opened and read through tensorstore, all arrays in
+one batch. On a GPU each shard is then copied to its device, so reads go in groups of at most
+`IN_FLIGHT` host bytes, orbax's cap. Saving stays with orbax.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -32,9 +36,13 @@ PyTree = Any
 ALIGNMENT = 64  # bytes: what XLA:CPU needs to use host memory in place
 IN_FLIGHT = 96 * 2**30  # host bytes read at once where arrays then move to a device (orbax's)
 _NAMED = 3  # arrays named in a mismatch message
+_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one preadv fills
 Index = tuple[slice, ...] | None  # a shard's place in its array, as jax gives it
+Box = list[tuple[int, int]]  # a region of an array: start, stop per axis
 Shards = dict[tuple[Any, ...], tuple[np.ndarray, ts.WriteFutures | None]]  # index -> (memory, read)
 Value = bytes | tuple[str, int, int]  # a value inline in the database, or (file, offset, length)
+Reads = dict[str, list[tuple[int, np.ndarray]]]  # file -> (offset, memory its bytes go to)
+OnFile = Callable[[str, list[memoryview]], None]  # a file read whole, and its bytes in order
 
 
 class Mismatch(ValueError):
@@ -48,6 +56,28 @@ def empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
     raw = np.empty(size + ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
     return raw[start : start + size].view(dtype).reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunks:
+    """An array stored as uncompressed, C-ordered zarr v2 chunks: read with plain preads."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk: tuple[int, ...]  # zarr v2 stores edge chunks whole, padded
+    values: dict[tuple[int, ...], Value]  # by position in the chunk grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What read() does: each leaf with its sharding and where it lies, the leaves in groups
+    under the in-flight cap, and the local files those reads cover whole."""
+
+    leaves: list[tuple[str, jax.ShapeDtypeStruct, Chunks | ts.TensorStore]]
+    places: list[dict[tuple[Any, ...], Index]]  # each leaf's shards held here
+    trees: dict[str, tuple[Any, int]]  # item -> (treedef, leaf count)
+    runs: list[range]
+    whole: frozenset[str]
 
 
 def _listed(names: set[str]) -> str:
@@ -70,10 +100,10 @@ def _key(index: Index) -> tuple[Any, ...]:
     return () if index is None else tuple((s.start, s.stop, s.step) for s in index)
 
 
-def read(
+def plan(
     step_dir: epath.Path, targets: Mapping[str, PyTree], *, in_flight: int | None = None
-) -> dict[str, PyTree]:
-    """Each target tree read from the orbax PyTree item of its name in `step_dir`.
+) -> Plan:
+    """How to read each target tree from the orbax PyTree item of its name in `step_dir`.
 
     Targets are trees of jax.ShapeDtypeStruct; each leaf's sharding (the first local device
     where it has none) says which shards this process reads and where they go, so a
@@ -109,31 +139,46 @@ def read(
             for i, (*_, source) in enumerate(wanted)
             if isinstance(source, dict)
         }
-    readers = [
-        source if isinstance(source, Chunks) else opening[i].result()
-        for i, (*_, source) in enumerate(wanted)
+    located = [
+        (name, leaf, source if isinstance(source, Chunks) else opening[i].result())
+        for i, (name, leaf, source) in enumerate(wanted)
     ]
-    places = [_places(leaf) for _, leaf, _ in wanted]
+    for name, leaf, store in located:
+        if tuple(store.shape) != tuple(leaf.shape):
+            raise Mismatch(
+                f"{name} is {tuple(store.shape)} in the checkpoint, {leaf.shape} requested"
+            )
+    places = [_places(leaf) for _, leaf, _ in located]
     if in_flight is None and device.platform == "cpu":
-        runs = [range(len(wanted))]  # read memory becomes the arrays' own: nothing to cap
+        runs = [range(len(located))]  # read memory becomes the arrays' own: nothing to cap
     else:
-        sizes = [_bytes(leaf, held) for (_, leaf, _), held in zip(wanted, places, strict=True)]
+        sizes = [_bytes(leaf, held) for (_, leaf, _), held in zip(located, places, strict=True)]
         runs = groups(sizes, IN_FLIGHT if in_flight is None else in_flight)
+    whole = _whole(located, places) if len(runs) == 1 else frozenset()
+    return Plan(located, places, trees, runs, whole)
+
+
+def read(plan: Plan, *, on_file: OnFile | None = None) -> dict[str, PyTree]:
+    """The planned trees. `on_file` gets each of `plan.whole` with its bytes in order once
+    they are read, on the thread that read them, so a check of its digest needs no second
+    read; it must not keep the bytes."""
     restored: list[jax.Array] = []
-    with _Files() as files:
-        for group in runs:
-            with ts.Batch() as batch:
-                shards = [
-                    _start(*wanted[i][:2], readers[i], places[i], batch, files) for i in group
-                ]
-            restored += [
-                _assemble(wanted[i][1], pending) for i, pending in zip(group, shards, strict=True)
-            ]
-            del shards  # the group's host memory is freed before the next group's is taken
+    for group in plan.runs:
+        reads: Reads = {}
+        copies: list[Callable[[], Any]] = []  # after the reads: parts of chunks, casts
+        with ts.Batch() as batch:
+            shards = [_start(*plan.leaves[i], plan.places[i], batch, reads, copies) for i in group]
+        _read_files(reads, plan.whole, on_file)
+        for copy in copies:
+            copy()
+        restored += [
+            _assemble(plan.leaves[i][1], pending) for i, pending in zip(group, shards, strict=True)
+        ]
+        del shards, reads, copies  # the group's host memory is freed before the next group's
     arrays = iter(restored)
     return {
         item: jax.tree_util.tree_unflatten(treedef, itertools.islice(arrays, count))
-        for item, (treedef, count) in trees.items()
+        for item, (treedef, count) in plan.trees.items()
     }
 
 
@@ -158,16 +203,6 @@ def _bytes(leaf: jax.ShapeDtypeStruct, places: Mapping[tuple[Any, ...], Index]) 
     """Host bytes of those shards."""
     shard = math.prod(leaf.sharding.shard_shape(leaf.shape))
     return len(places) * shard * np.dtype(leaf.dtype).itemsize
-
-
-@dataclasses.dataclass(frozen=True)
-class Chunks:
-    """An array stored as uncompressed, C-ordered zarr v2 chunks: read with plain preads."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    chunk: tuple[int, ...]  # zarr v2 stores edge chunks whole, padded
-    values: dict[tuple[int, ...], Value]  # by position in the chunk grid
 
 
 Source = Chunks | dict[str, Any]  # read directly, or opened from its tensorstore spec
@@ -229,7 +264,7 @@ def chunked(stored: Mapping[str, Value], name: str) -> Chunks | None:
     zarray = stored.get(f"{name}/.zarray")
     if zarray is None:
         return None
-    meta = json.loads(_contents(zarray))
+    meta = _metadata(_contents(zarray))
     plain = (2, None, None, "C")
     if (meta["zarr_format"], meta["compressor"], meta["filters"], meta["order"]) != plain:
         return None
@@ -253,6 +288,12 @@ def chunked(stored: Mapping[str, Value], name: str) -> Chunks | None:
     return Chunks(shape, dtype, chunk, values)
 
 
+@functools.lru_cache(maxsize=64)
+def _metadata(zarray: bytes) -> dict[str, Any]:
+    """Parsed once for all arrays alike (a model's layers share a handful of shapes)."""
+    return json.loads(zarray)
+
+
 def _contents(value: Value) -> bytes:
     if isinstance(value, bytes):
         return value
@@ -262,32 +303,41 @@ def _contents(value: Value) -> bytes:
         return f.read(length)
 
 
-class _Files:
-    """File descriptors opened once per restore, closed at its end."""
+def _box(index: Index, shape: tuple[int, ...]) -> Box:
+    return [(0, n) if index is None else index[d].indices(n)[:2] for d, n in enumerate(shape)]
 
-    def __enter__(self) -> _Files:
-        self.open: dict[str, int] = {}
-        return self
 
-    def __exit__(self, *_: object) -> None:
-        for fd in self.open.values():
-            os.close(fd)
+def _positions(box: Box, chunk: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    """The chunks (grid positions) that hold part of the region."""
+    spans = [range(start // c, -(-stop // c)) for (start, stop), c in zip(box, chunk, strict=True)]
+    return itertools.product(*spans)
 
-    def pread(self, value: Value, out: np.ndarray) -> None:
-        """The value's bytes into `out`, a C-contiguous array of exactly that many bytes."""
-        target = out.reshape(-1).view(np.uint8)
-        if isinstance(value, bytes):
-            target[:] = np.frombuffer(value, np.uint8)
-            return
-        path, offset, length = value
-        if path not in self.open:
-            self.open[path] = os.open(path, os.O_RDONLY)
-        done = 0
-        while done < length:  # Linux reads at most 2 GiB per call
-            count = os.preadv(self.open[path], [target[done:].data], offset + done)
-            if count == 0:
-                raise OSError(f"{path} ends at {offset + done} bytes, inside a chunk")
-            done += count
+
+def _whole(
+    leaves: list[tuple[str, jax.ShapeDtypeStruct, Chunks | ts.TensorStore]],
+    places: list[dict[tuple[Any, ...], Index]],
+) -> frozenset[str]:
+    """Files whose reads cover all but a sixteenth of them (the rest, OCDBT's B-tree nodes,
+    is read beside them), with no two reads overlapping."""
+    spans: dict[str, set[tuple[int, int]]] = {}
+    for (_, leaf, source), held in zip(leaves, places, strict=True):
+        if isinstance(source, Chunks):
+            for index in held.values():
+                for position in _positions(_box(index, leaf.shape), source.chunk):
+                    value = source.values[position]
+                    if not isinstance(value, bytes):
+                        spans.setdefault(value[0], set()).add(value[1:])
+    whole = []
+    for path, ranges in spans.items():
+        size, end, gaps = os.stat(path).st_size, 0, 0
+        for offset, length in sorted(ranges):
+            if offset < end:
+                break  # overlapping values: not a layout this reads whole
+            gaps, end = gaps + offset - end, offset + length
+        else:
+            if end <= size and (gaps + size - end) * 16 <= size:
+                whole.append(path)
+    return frozenset(whole)
 
 
 def _start(
@@ -296,24 +346,30 @@ def _start(
     source: Chunks | ts.TensorStore,
     places: Mapping[tuple[Any, ...], Index],
     batch: ts.Batch,
-    files: _Files,
+    reads: Reads,
+    copies: list[Callable[[], Any]],
 ) -> Shards:
-    """Reads each of the leaf's `places`, or starts reading them in tensorstore's `batch`;
-    returns shard -> (memory, read still in flight)."""
-    if tuple(source.shape) != tuple(leaf.shape):
-        raise Mismatch(f"{name} is {tuple(source.shape)} in the checkpoint, {leaf.shape} requested")
+    """Memory for each of the leaf's `places`, with what fills it: preads added to `reads`
+    and the copies after them, or tensorstore reads started in `batch`; returns shard ->
+    (memory, tensorstore read in flight)."""
     pending: Shards = {}
     if isinstance(source, Chunks):
+        buffers: dict[tuple[int, ...], np.ndarray] = {}  # chunks that straddle shards, read once
         for key, index in places.items():
-            box = [
-                (0, n) if index is None else index[d].indices(n)[:2]
-                for d, n in enumerate(leaf.shape)
-            ]
+            box = _box(index, leaf.shape)
             out = empty([stop - start for start, stop in box], leaf.dtype)
             saved = out if source.dtype == leaf.dtype else np.empty(out.shape, source.dtype)
-            _fill(saved, box, source, files)
+            for position in _positions(box, source.chunk):
+                corner = [p * c for p, c in zip(position, source.chunk, strict=True)]
+                if saved.shape == source.chunk and corner == [start for start, _ in box]:
+                    _fetch(source.values[position], saved, reads)  # the chunk is the shard
+                    continue
+                if position not in buffers:
+                    buffers[position] = np.empty(source.chunk, source.dtype)
+                    _fetch(source.values[position], buffers[position], reads)
+                copies.append(functools.partial(_part, saved, box, buffers[position], corner))
             if saved is not out:
-                out[...] = saved
+                copies.append(functools.partial(np.copyto, out, saved, casting="unsafe"))
             pending[key] = (out, None)
         return pending
     store = source
@@ -326,32 +382,85 @@ def _start(
     return pending
 
 
-def _fill(out: np.ndarray, box: list[tuple[int, int]], source: Chunks, files: _Files) -> None:
-    """The region `box` (start, stop per axis) of the array into `out`: a chunk that is the
-    region is read in place, others through a buffer for the part inside the region."""
-    spans = [
-        range(start // c, -(-stop // c))
-        for (start, stop), c in zip(box, source.chunk, strict=True)
+def _fetch(value: Value, out: np.ndarray, reads: Reads) -> None:
+    """A value into `out`: copied if inline, else a pread to come."""
+    if isinstance(value, bytes):
+        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(value, np.uint8)
+    else:
+        reads.setdefault(value[0], []).append((value[1], out))
+
+
+def _part(out: np.ndarray, box: Box, chunk: np.ndarray, corner: list[int]) -> None:
+    """The part of a chunk (at `corner`) inside the region `box` into `out`, that region."""
+    inside = [
+        (max(start, c), min(stop, c + n))
+        for (start, stop), c, n in zip(box, corner, chunk.shape, strict=True)
     ]
-    for position in itertools.product(*spans):
-        corner = [p * c for p, c in zip(position, source.chunk, strict=True)]
-        if out.shape == source.chunk and all(
-            c == start for c, (start, _) in zip(corner, box, strict=True)
-        ):
-            files.pread(source.values[position], out)
-            continue
-        whole = np.empty(source.chunk, source.dtype)
-        files.pread(source.values[position], whole)
-        inside = [
-            (max(start, c), min(stop, c + n))
-            for (start, stop), c, n in zip(box, corner, source.chunk, strict=True)
-        ]
-        out[
-            tuple(
-                slice(lo - start, hi - start)
-                for (lo, hi), (start, _) in zip(inside, box, strict=True)
-            )
-        ] = whole[tuple(slice(lo - c, hi - c) for (lo, hi), c in zip(inside, corner, strict=True))]
+    out[
+        tuple(
+            slice(lo - start, hi - start) for (lo, hi), (start, _) in zip(inside, box, strict=False)
+        )
+    ] = chunk[tuple(slice(lo - c, hi - c) for (lo, hi), c in zip(inside, corner, strict=True))]
+
+
+def _read_files(reads: Reads, whole: frozenset[str], on_file: OnFile | None) -> None:
+    """Every file's reads, the largest files first, a file at a time on each core."""
+    order = sorted(reads, key=lambda path: -sum(out.nbytes for _, out in reads[path]))
+    read = functools.partial(_read_file, reads=reads, whole=whole, on_file=on_file)
+    workers = min(len(order), os.cpu_count() or 1)
+    if workers <= 1:
+        for path in order:
+            read(path)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(read, order))
+
+
+def _read_file(path: str, *, reads: Reads, whole: frozenset[str], on_file: OnFile | None) -> None:
+    """The file's reads, each run of adjacent ones in one preadv; a file read whole is read
+    in one run, its gaps into scratch memory, and handed to `on_file`."""
+    wanted = sorted(reads[path], key=lambda read: read[0])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if path in whole:
+            filled, end = [], 0
+            for offset, out in [*wanted, (os.fstat(fd).st_size, np.empty(0, np.uint8))]:
+                if offset > end:
+                    filled.append((end, np.empty(offset - end, np.uint8)))
+                filled.append((offset, out))
+                end = offset + out.nbytes
+            wanted = filled
+        run: list[memoryview] = []
+        start = end = 0
+        for offset, out in wanted:
+            if run and offset != end:
+                _preadv(fd, path, start, run)
+                run = []
+            if not run:
+                start = offset
+            run.append(out.reshape(-1).view(np.uint8).data)
+            end = offset + out.nbytes
+        if run:
+            _preadv(fd, path, start, run)
+    finally:
+        os.close(fd)
+    if path in whole and on_file is not None:
+        on_file(path, [out.reshape(-1).view(np.uint8).data for _, out in wanted])
+
+
+def _preadv(fd: int, path: str, offset: int, buffers: list[memoryview]) -> None:
+    """Fills the buffers in order from the file's bytes at `offset`."""
+    i = 0
+    while i < len(buffers):
+        count = os.preadv(fd, buffers[i : i + _IOV_MAX], offset)
+        if count == 0:
+            raise OSError(f"{path} ends at {offset} bytes, inside a chunk")
+        offset += count
+        while i < len(buffers) and count >= len(buffers[i]):
+            count -= len(buffers[i])
+            i += 1
+        if count:
+            buffers[i] = buffers[i][count:]
 
 
 def _assemble(leaf: jax.ShapeDtypeStruct, pending: Shards) -> jax.Array:

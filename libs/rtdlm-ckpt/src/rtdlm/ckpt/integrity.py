@@ -16,8 +16,8 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
 import xxhash
@@ -50,6 +50,23 @@ def _digest(path: epath.Path, kind: str) -> str:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 return new(mapped).hexdigest()
         return hashlib.file_digest(f, new).hexdigest()
+
+
+def digest(parts: Iterable[memoryview]) -> str:
+    """A file's digest (XXH3-128, as new manifests hold) from its bytes in order, already in
+    memory: a file restore has just read needs no second pass through the page cache."""
+    hasher = xxhash.xxh3_128()
+    for part in parts:
+        hasher.update(part)
+    return hasher.hexdigest()
+
+
+def _given(future: Future[str] | None) -> str | None:
+    """A digest computed elsewhere; None where there is none or it was called off."""
+    try:
+        return None if future is None else future.result()
+    except CancelledError:
+        return None
 
 
 def _size(path: epath.Path) -> int | None:
@@ -97,13 +114,20 @@ def write_manifest(step_dir: epath.Path) -> None:
 
 
 def verify(
-    step_dir: epath.Path, items: Collection[str] | None = None, *, hashes: bool = True
+    step_dir: epath.Path,
+    items: Collection[str] | None = None,
+    *,
+    hashes: bool = True,
+    hashed: Mapping[str, Future[str]] | None = None,
 ) -> None:
     """Raises IntegrityError naming the first file that is missing, truncated or altered.
 
     `items` limits the check to those items' subdirectories (params-only loads skip the rest).
     `hashes=False` checks presence and sizes only: no data is read, so it is cheap enough for
     naming the last good checkpoint in an error message (a full disk truncates, not flips).
+    `hashed` holds digests that whoever reads the files computes (`digest`), by name; the
+    check waits for them after hashing the other files, and hashes a file itself where its
+    digest was called off.
     """
     manifest_path = step_dir / MANIFEST
     if not manifest_path.exists():
@@ -125,10 +149,13 @@ def verify(
             raise IntegrityError(f"{name} has {size} bytes, expected {expected['bytes']}")
     if not hashes:
         return
-    # One thread: restore runs this beside tensorstore's reads, which it outpaces (XXH3 at
-    # 12 GB/s against copies at about 4), so more threads only take cores from those reads.
-    for name, expected in checked:
+    hashed = hashed or {}
+    # One thread: restore runs this beside its reads, which it outpaces (XXH3 at 12 GB/s
+    # against copies at about 4), so more threads only take cores from those reads.
+    for name, expected in sorted(checked, key=lambda entry: entry[0] in hashed):
         kind = _kind(name, expected)
-        digest = _digest(step_dir / name, kind)
+        digest = _given(hashed.get(name)) if kind == _DIGEST else None
+        if digest is None:
+            digest = _digest(step_dir / name, kind)
         if digest != expected[kind]:
             raise IntegrityError(f"{name} does not match its {_DIGESTS[kind][0]} digest")

@@ -201,8 +201,11 @@ def _array_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
 
 
-def _read_arrays(step_dir: epath.Path, targets: dict[str, PyTree]) -> dict[str, PyTree]:
-    """Array items, all at once through rtdlm.ckpt.arrays; orbax reads trees of other leaves."""
+def _read_arrays(
+    step_dir: epath.Path, targets: dict[str, PyTree], check: _Check | None
+) -> dict[str, PyTree]:
+    """Array items, all at once through rtdlm.ckpt.arrays; orbax reads trees of other leaves.
+    The check starts once the reads are planned."""
     targets = {
         item: _as_target(_saved_target(step_dir / item) if target is None else target)
         for item, target in targets.items()
@@ -212,7 +215,8 @@ def _read_arrays(step_dir: epath.Path, targets: dict[str, PyTree]) -> dict[str, 
         for item, target in targets.items()
         if all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(target))
     }
-    restored = arrays.read(step_dir, arrays_only)
+    plan = arrays.plan(step_dir, arrays_only)
+    restored = arrays.read(plan, on_file=None if check is None else check.start(plan.whole))
     for item in targets.keys() - arrays_only.keys():
         target = targets[item]
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
@@ -683,13 +687,16 @@ class CheckpointManager:
             )
         targets = {"params": params, "opt_state": opt_state}
         with ThreadPoolExecutor(1) as pool:
-            # Hashed while orbax reads, on the other cores; nothing is returned unless it passes.
-            check = pool.submit(integrity.verify, step_dir, wanted) if verify else None
+            # Checked beside the reads; nothing is returned unless it passes.
+            check = _Check(pool, step_dir, wanted) if verify else None
             try:
-                restored = self._read(step, wanted, targets)
+                restored = self._read(step, wanted, targets, check)
             except CheckpointError:
                 self._raise_if_altered(step, check)  # the manifest names the damaged file
                 raise
+            finally:
+                if check is not None:
+                    check.call_off()
             self._raise_if_altered(step, check)
         rtdlm = dict(restored.get("rtdlm") or {})
         rng = rtdlm.pop("rng", None)
@@ -703,7 +710,9 @@ class CheckpointManager:
             metadata=rtdlm,
         )
 
-    def _read(self, step: int, items: list[str], targets: dict[str, PyTree]) -> dict[str, Any]:
+    def _read(
+        self, step: int, items: list[str], targets: dict[str, PyTree], check: _Check | None
+    ) -> dict[str, Any]:
         step_dir = self.directory / str(step)
         try:
             # Each document by the handler: orbax's manager.restore took 2 ms for three.
@@ -712,7 +721,7 @@ class CheckpointManager:
                 item: documents.restore(step_dir / item) for item in items if item in _JSON_ITEMS
             }
             wanted = {item: targets.get(item) for item in items if item not in _JSON_ITEMS}
-            return restored | _read_arrays(step_dir, wanted)
+            return restored | _read_arrays(step_dir, wanted, check)
         except arrays.Mismatch as error:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not fit the requested state "
@@ -723,8 +732,8 @@ class CheckpointManager:
                 f"checkpoint step {step} in {self.directory} is unreadable: {_summary(error)}"
             ) from error
 
-    def _raise_if_altered(self, step: int, check: Future[None] | None) -> None:
-        error = None if check is None else check.exception()
+    def _raise_if_altered(self, step: int, check: _Check | None) -> None:
+        error = None if check is None else check.error()
         if isinstance(error, integrity.IntegrityError):
             raise CorruptCheckpointError(
                 f"checkpoint step {step} in {self.directory} is corrupt: {error}"
@@ -764,6 +773,39 @@ class CheckpointManager:
         source.rename(target)
         log.warning("moved corrupt checkpoint %s to %s", source, target)
         self._manager.reload()
+
+
+class _Check:
+    """One restore's manifest check, on its own thread beside the reads, started once they
+    are planned. Files the reads cover whole are hashed by the reading threads from the bytes
+    just read, which saves the check a second pass through the page cache."""
+
+    def __init__(self, pool: ThreadPoolExecutor, step_dir: epath.Path, items: list[str]):
+        self._pool, self._step_dir, self._items = pool, step_dir, items
+        self._hashed: dict[str, Future[str]] = {}
+        self._running: Future[None] | None = None
+
+    def start(self, whole: Iterable[str] = ()) -> arrays.OnFile:
+        self._hashed = {os.path.relpath(path, self._step_dir): Future() for path in whole}
+        self._running = self._pool.submit(
+            integrity.verify, self._step_dir, self._items, hashed=self._hashed
+        )
+        return self._read_whole
+
+    def _read_whole(self, path: str, parts: list[memoryview]) -> None:
+        self._hashed[os.path.relpath(path, self._step_dir)].set_result(integrity.digest(parts))
+
+    def call_off(self) -> None:
+        """Digests the reads did not deliver (they failed) are left to the check itself."""
+        for future in self._hashed.values():
+            future.cancel()
+
+    def error(self) -> BaseException | None:
+        """What the check raised, once done; started here if the reads failed before it."""
+        if self._running is None:
+            self.start()
+        self.call_off()
+        return None if self._running is None else self._running.exception()
 
 
 def restore_params(

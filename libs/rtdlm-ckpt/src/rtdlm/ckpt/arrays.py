@@ -36,7 +36,7 @@ PyTree = Any
 ALIGNMENT = 64  # bytes: what XLA:CPU needs to use host memory in place
 IN_FLIGHT = 96 * 2**30  # host bytes read at once where arrays then move to a device (orbax's)
 _NAMED = 3  # arrays named in a mismatch message
-_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one preadv fills
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers a preadv fills
 Index = tuple[slice, ...] | None  # a shard's place in its array, as jax gives it
 Box = list[tuple[int, int]]  # a region of an array: start, stop per axis
 Shards = dict[tuple[Any, ...], tuple[np.ndarray, ts.WriteFutures | None]]  # index -> (memory, read)
@@ -213,7 +213,8 @@ def _sources(
 ) -> list[Source]:
     """Each array's chunks where all of the item's lie plain in a local OCDBT database,
     else orbax's tensorstore spec for each."""
-    stored = None if metadata.get("use_zarr3") else stored_values(item_dir)
+    plain = not metadata.get("use_zarr3") and hasattr(os, "preadv")  # preadv: not on Windows
+    stored = stored_values(item_dir) if plain else None
     if stored is not None:
         chunks = [chunked(stored, name) for name in names]
         if all(chunks):

@@ -195,7 +195,7 @@ def test_plain_chunks_read_with_preads_give_any_region_of_any_chunking(
             },
         }
         ts.open(spec, create=True).result().write(values).result()
-        stored = arrays.stored_values(epath.Path(directory))
+        (stored,) = arrays.stored_values([epath.Path(directory)])
         assert stored is not None
         assert {type(value) for value in stored.values()} <= {bytes, tuple}
         source = arrays.chunked(stored, "a")
@@ -225,9 +225,9 @@ def test_compressed_arrays_and_missing_chunks_are_left_to_tensorstore(tmp_path: 
         create=True,
     ).result()
     store[:2].write(np.ones((2, 4), np.float32)).result()
-    stored = arrays.stored_values(epath.Path(tmp_path))
+    (stored,) = arrays.stored_values([epath.Path(tmp_path)])
     assert stored is not None and arrays.chunked(stored, "a") is None
-    assert arrays.stored_values(epath.Path(tmp_path) / "elsewhere") is None
+    assert arrays.stored_values([epath.Path(tmp_path) / "elsewhere"]) == [None]
 
 
 def test_files_read_whole_are_handed_on_with_their_bytes(tmp_path: Path) -> None:

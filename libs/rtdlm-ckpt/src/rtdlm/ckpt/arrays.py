@@ -117,6 +117,7 @@ def plan(
     default = jax.sharding.SingleDeviceSharding(device)
     wanted: list[tuple[str, jax.ShapeDtypeStruct, Source]] = []  # name, leaf, where it lies
     trees = {}
+    named = []
     for item, target in targets.items():
         leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
         names = [".".join(ocp.tree.str_keypath(path)) for path, _ in leaves]
@@ -127,9 +128,12 @@ def plan(
             if not entry["value_metadata"].get("skip_deserialize")
         }
         _check_names(item, saved, names)
-        sources = _sources(step_dir / item, metadata, names, context)
+        named.append((item, leaves, treedef, names, metadata))
+    stored = stored_values([step_dir / item for item in targets])
+    for (item, leaves, treedef, names, metadata), values in zip(named, stored, strict=True):
+        sources = _sources(step_dir / item, metadata, names, context, values)
         wanted += [
-            (f"{item} {name}", leaf.update(sharding=leaf.sharding or default), source)
+            (f"{item} {name}", leaf if leaf.sharding else leaf.update(sharding=default), source)
             for name, (_, leaf), source in zip(names, leaves, sources, strict=True)
         ]
         trees[item] = (treedef, len(leaves))
@@ -209,14 +213,16 @@ Source = Chunks | dict[str, Any]  # read directly, or opened from its tensorstor
 
 
 def _sources(
-    item_dir: epath.Path, metadata: dict[str, Any], names: list[str], context: ts.Context
+    item_dir: epath.Path,
+    metadata: dict[str, Any],
+    names: list[str],
+    context: ts.Context,
+    stored: Mapping[str, Value] | None,
 ) -> list[Source]:
-    """Each array's chunks where all of the item's lie plain in a local OCDBT database,
-    else orbax's tensorstore spec for each."""
-    plain = not metadata.get("use_zarr3") and hasattr(os, "preadv")  # preadv: not on Windows
-    stored = stored_values(item_dir) if plain else None
-    if stored is not None:
-        chunks = [chunked(stored, name) for name in names]
+    """Each array's chunks where all of the item's lie plain in its local OCDBT database
+    (`stored`), else orbax's tensorstore spec for each."""
+    if stored is not None and not metadata.get("use_zarr3") and hasattr(os, "preadv"):
+        chunks = [chunked(stored, name) for name in names]  # preadv: not on Windows
         if all(chunks):
             return chunks  # type: ignore[return-value]
     info = ocp.type_handlers.ParamInfo(
@@ -226,38 +232,47 @@ def _sources(
     return [{**spec, "kvstore": {**spec["kvstore"], "path": name}} for name in names]
 
 
-def stored_values(item_dir: epath.Path) -> dict[str, Value] | None:
-    """Every key of the item's local OCDBT database and where its value lies, from the
-    newest version's B-tree; None for remote storage or an item that is not OCDBT."""
-    if "://" in str(item_dir) or not (item_dir / "manifest.ocdbt").exists():
-        return None
-    base = ts.KvStore.open({"driver": "file", "path": f"{item_dir}/"}).result()
-    versions = ts.ocdbt.dump(base).result()["versions"]
-    if not versions:
-        return None
-    root = max(versions, key=lambda version: version["generation_number"])["root"]
-    values: dict[str, Value] = {}
-    if "location" in root:  # an empty database has no root node
-        _collect(base, root["location"], b"", os.fspath(item_dir), values)
-    return values
-
-
-def _collect(
-    base: ts.KvStore, location: str, prefix: bytes, item_dir: str, values: dict[str, Value]
-) -> None:
-    """Adds the keys under one B-tree node; a child's keys follow its subtree's prefix."""
-    node = ts.ocdbt.dump(base, location).result()
-    for entry in node["entries"]:
-        if node["height"] > 0:
-            child = prefix + entry.get("subtree_common_prefix", b"")
-            _collect(base, entry["location"], child, item_dir, values)
-        elif "inline_value" in entry:
-            values[(prefix + entry["key"]).decode()] = entry["inline_value"]
-        else:  # "value:<directory>:<file>:<offset>:<length>", the file within the directory
-            where, offset, length = entry["indirect_value"].removeprefix("value:").rsplit(":", 2)
-            directory, file = where.split(":", 1)
-            path = os.path.join(item_dir, directory, file)
-            values[(prefix + entry["key"]).decode()] = (path, int(offset), int(length))
+def stored_values(item_dirs: Sequence[epath.Path]) -> list[dict[str, Value] | None]:
+    """For each item, every key of its local OCDBT database and where the value lies, from
+    the newest version's B-tree; None for remote storage or an item that is not OCDBT. The
+    items' trees are walked together a level at a time: each dump is a trip through
+    tensorstore's threads."""
+    bases = {
+        i: ts.KvStore.open({"driver": "file", "path": f"{item_dir}/"}).result()
+        for i, item_dir in enumerate(item_dirs)
+        if "://" not in str(item_dir) and (item_dir / "manifest.ocdbt").exists()
+    }
+    manifests = {i: ts.ocdbt.dump(base) for i, base in bases.items()}
+    values: dict[int, dict[str, Value]] = {}
+    level: list[tuple[int, str, bytes]] = []  # item, node, the prefix of its keys
+    paths: dict[tuple[int, str], str] = {}  # the data files values lie in, named once
+    for i, manifest in manifests.items():
+        versions = manifest.result()["versions"]
+        if versions:
+            values[i] = {}
+            root = max(versions, key=lambda version: version["generation_number"])["root"]
+            if "location" in root:  # an empty database has no root node
+                level.append((i, root["location"], b""))
+    while level:
+        nodes = [(i, prefix, ts.ocdbt.dump(bases[i], node)) for i, node, prefix in level]
+        level = []
+        for i, prefix, dumped in nodes:
+            node = dumped.result()
+            for entry in node["entries"]:
+                key = prefix + entry["key"]
+                if node["height"] > 0:  # a child's keys follow its subtree's prefix
+                    child = prefix + entry.get("subtree_common_prefix", b"")
+                    level.append((i, entry["location"], child))
+                elif "inline_value" in entry:
+                    values[i][key.decode()] = entry["inline_value"]
+                else:  # "value:<directory>:<file>:<offset>:<length>", the file in the directory
+                    where, offset, length = (
+                        entry["indirect_value"].removeprefix("value:").rsplit(":", 2)
+                    )
+                    if (i, where) not in paths:
+                        paths[i, where] = os.path.join(item_dirs[i], *where.split(":", 1))
+                    values[i][key.decode()] = (paths[i, where], int(offset), int(length))
+    return [values.get(i) for i in range(len(item_dirs))]
 
 
 def chunked(stored: Mapping[str, Value], name: str) -> Chunks | None:

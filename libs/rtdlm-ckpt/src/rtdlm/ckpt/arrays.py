@@ -7,11 +7,11 @@ through tensorstore's zarr driver still cost about 0.15 ms an array. So where an
 local OCDBT database of uncompressed zarr v2 chunks (what rtdlm-ckpt writes), its keys are
 listed from the database's B-tree (`ts.ocdbt.dump`) and its files are read with plain preads,
 a file at a time on each core, each chunk straight into 64-byte aligned memory that XLA:CPU
-adopts without a copy. A file read whole is handed on with its bytes in order, so the
-manifest check hashes it from memory instead of reading it again. Other layouts (remote
-storage, compressed or zarr3 arrays) are opened and read through tensorstore, all arrays in
-one batch. On a GPU each shard is then copied to its device, so reads go in groups of at most
-`IN_FLIGHT` host bytes, orbax's cap. Saving stays with orbax.
+adopts without a copy. A file read whole is handed on as it is read, so the manifest check
+hashes its bytes while they are still in cache instead of reading the file again. Other
+layouts (remote storage, compressed or zarr3 arrays) are opened and read through tensorstore,
+all arrays in one batch. On a GPU each shard is then copied to its device, so reads go in
+groups of at most `IN_FLIGHT` host bytes, orbax's cap. Saving stays with orbax.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ PyTree = Any
 ALIGNMENT = 64  # bytes: what XLA:CPU needs to use host memory in place
 IN_FLIGHT = 96 * 2**30  # host bytes read at once where arrays then move to a device (orbax's)
 _NAMED = 3  # arrays named in a mismatch message
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers a preadv fills
+_SEGMENT = 2**20  # bytes per read: a digest of them finds them still in cache
 Index = tuple[slice, ...] | None  # a shard's place in its array, as jax gives it
 Box = list[tuple[int, int]]  # a region of an array: start, stop per axis
 Shards = dict[tuple[Any, ...], tuple[np.ndarray, ts.WriteFutures | None]]  # index -> (memory, read)
 Value = bytes | tuple[str, int, int]  # a value inline in the database, or (file, offset, length)
 Reads = dict[str, list[tuple[int, np.ndarray]]]  # file -> (offset, memory its bytes go to)
-OnFile = Callable[[str, list[memoryview]], None]  # a file read whole, and its bytes in order
+OnFile = Callable[[str, Iterator[memoryview]], None]  # a file read whole, its bytes in order
 
 
 class Mismatch(ValueError):
@@ -163,9 +163,9 @@ def plan(
 
 
 def read(plan: Plan, *, on_file: OnFile | None = None) -> dict[str, PyTree]:
-    """The planned trees. `on_file` gets each of `plan.whole` with its bytes in order once
-    they are read, on the thread that read them, so a check of its digest needs no second
-    read; it must not keep the bytes."""
+    """The planned trees. `on_file` gets each of `plan.whole` with its bytes in order, on the
+    thread that reads it, each part read as it is asked for: a digest of the file then needs
+    no second pass over it. It must not keep the parts."""
     restored: list[jax.Array] = []
     for group in plan.runs:
         reads: Reads = {}
@@ -433,8 +433,9 @@ def _read_files(reads: Reads, whole: frozenset[str], on_file: OnFile | None) -> 
 
 
 def _read_file(path: str, *, reads: Reads, whole: frozenset[str], on_file: OnFile | None) -> None:
-    """The file's reads, each run of adjacent ones in one preadv; a file read whole is read
-    in one run, its gaps into scratch memory, and handed to `on_file`."""
+    """The file's reads in file order. A file read whole is read gaps and all, and handed to
+    `on_file` as it is read: each part is read when asked for, so a digest of it hashes bytes
+    still in cache; what `on_file` leaves is read after it returns."""
     wanted = sorted(reads[path], key=lambda read: read[0])
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -446,37 +447,28 @@ def _read_file(path: str, *, reads: Reads, whole: frozenset[str], on_file: OnFil
                 filled.append((offset, out))
                 end = offset + out.nbytes
             wanted = filled
-        run: list[memoryview] = []
-        start = end = 0
-        for offset, out in wanted:
-            if run and offset != end:
-                _preadv(fd, path, start, run)
-                run = []
-            if not run:
-                start = offset
-            run.append(out.reshape(-1).view(np.uint8).data)
-            end = offset + out.nbytes
-        if run:
-            _preadv(fd, path, start, run)
+        parts = _parts(fd, path, wanted)
+        if path in whole and on_file is not None:
+            on_file(path, parts)
+        for _ in parts:
+            pass
     finally:
         os.close(fd)
-    if path in whole and on_file is not None:
-        on_file(path, [out.reshape(-1).view(np.uint8).data for _, out in wanted])
 
 
-def _preadv(fd: int, path: str, offset: int, buffers: list[memoryview]) -> None:
-    """Fills the buffers in order from the file's bytes at `offset`."""
-    i = 0
-    while i < len(buffers):
-        count = os.preadv(fd, buffers[i : i + _IOV_MAX], offset)
-        if count == 0:
-            raise OSError(f"{path} ends at {offset} bytes, inside a chunk")
-        offset += count
-        while i < len(buffers) and count >= len(buffers[i]):
-            count -= len(buffers[i])
-            i += 1
-        if count:
-            buffers[i] = buffers[i][count:]
+def _parts(fd: int, path: str, wanted: list[tuple[int, np.ndarray]]) -> Iterator[memoryview]:
+    """Fills each memory from the file's bytes at its offset, `_SEGMENT` bytes per call,
+    yielding each segment once read."""
+    for offset, out in wanted:
+        view = out.reshape(-1).view(np.uint8).data
+        for start in range(0, len(view), _SEGMENT):
+            segment, done = view[start : start + _SEGMENT], 0
+            while done < len(segment):
+                count = os.preadv(fd, [segment[done:]], offset + start + done)
+                if count == 0:
+                    raise OSError(f"{path} ends at {offset + start + done} bytes, inside a chunk")
+                done += count
+            yield segment
 
 
 def _assemble(leaf: jax.ShapeDtypeStruct, pending: Shards) -> jax.Array:

@@ -401,9 +401,14 @@ def _start(
 def _fetch(value: Value, out: np.ndarray, reads: Reads) -> None:
     """A value into `out`: copied if inline, else a pread to come."""
     if isinstance(value, bytes):
-        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(value, np.uint8)
+        _raw(out)[:] = np.frombuffer(value, np.uint8)
     else:
         reads.setdefault(value[0], []).append((value[1], out))
+
+
+def _raw(out: np.ndarray) -> np.ndarray:
+    """The bytes of a C-contiguous array (any dtype, 0-d too), as a flat uint8 view."""
+    return out.reshape(-1).view(np.uint8)
 
 
 def _part(out: np.ndarray, box: Box, chunk: np.ndarray, corner: list[int]) -> None:
@@ -414,7 +419,7 @@ def _part(out: np.ndarray, box: Box, chunk: np.ndarray, corner: list[int]) -> No
     ]
     out[
         tuple(
-            slice(lo - start, hi - start) for (lo, hi), (start, _) in zip(inside, box, strict=False)
+            slice(lo - start, hi - start) for (lo, hi), (start, _) in zip(inside, box, strict=True)
         )
     ] = chunk[tuple(slice(lo - c, hi - c) for (lo, hi), c in zip(inside, corner, strict=True))]
 
@@ -439,14 +444,15 @@ def _read_file(path: str, *, reads: Reads, whole: frozenset[str], on_file: OnFil
     wanted = sorted(reads[path], key=lambda read: read[0])
     fd = os.open(path, os.O_RDONLY)
     try:
-        if path in whole:
+        if path in whole:  # the gaps (B-tree nodes) into scratch memory
             filled, end = [], 0
-            for offset, out in [*wanted, (os.fstat(fd).st_size, np.empty(0, np.uint8))]:
+            for offset, out in wanted:
                 if offset > end:
                     filled.append((end, np.empty(offset - end, np.uint8)))
                 filled.append((offset, out))
                 end = offset + out.nbytes
-            wanted = filled
+            size = os.fstat(fd).st_size
+            wanted = filled + ([(end, np.empty(size - end, np.uint8))] if size > end else [])
         parts = _parts(fd, path, wanted)
         if path in whole and on_file is not None:
             on_file(path, parts)
@@ -460,7 +466,7 @@ def _parts(fd: int, path: str, wanted: list[tuple[int, np.ndarray]]) -> Iterator
     """Fills each memory from the file's bytes at its offset, `_SEGMENT` bytes per call,
     yielding each segment once read."""
     for offset, out in wanted:
-        view = out.reshape(-1).view(np.uint8).data
+        view = _raw(out).data
         for start in range(0, len(view), _SEGMENT):
             segment, done = view[start : start + _SEGMENT], 0
             while done < len(segment):

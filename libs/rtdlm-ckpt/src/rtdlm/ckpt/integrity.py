@@ -105,6 +105,27 @@ def write_manifest(step_dir: epath.Path) -> None:
     (step_dir / MANIFEST).write_text(json.dumps({"format": 2, "files": files}, indent=1))
 
 
+def _listed(step_dir: epath.Path, items: Collection[str] | None) -> list[tuple[str, Any]]:
+    """The manifest's entries for the files of `items` (all if None), by name."""
+    manifest_path = step_dir / MANIFEST
+    if not manifest_path.exists():
+        raise IntegrityError(f"it has no {MANIFEST}, so it was not completely written by rtdlm")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise IntegrityError(f"its {MANIFEST} is unreadable ({error})") from error
+    return sorted(
+        (name, expected)
+        for name, expected in files.items()
+        if items is None or name.split("/", 1)[0] in items
+    )
+
+
+def sizes(step_dir: epath.Path, items: Collection[str] | None = None) -> dict[str, int]:
+    """The bytes the manifest lists for each file of `items`, by name."""
+    return {name: expected["bytes"] for name, expected in _listed(step_dir, items)}
+
+
 def verify(
     step_dir: epath.Path,
     items: Collection[str] | None = None,
@@ -120,18 +141,7 @@ def verify(
     `hashed` holds XXH3-128 digests that whoever read the files computed (`digest`), by
     name: those files are not read again.
     """
-    manifest_path = step_dir / MANIFEST
-    if not manifest_path.exists():
-        raise IntegrityError(f"it has no {MANIFEST}, so it was not completely written by rtdlm")
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise IntegrityError(f"its {MANIFEST} is unreadable ({error})") from error
-    checked = sorted(
-        (name, expected)
-        for name, expected in files.items()
-        if items is None or name.split("/", 1)[0] in items
-    )
+    checked = _listed(step_dir, items)
     for name, expected in checked:
         size = _size(step_dir / name)
         if size is None:

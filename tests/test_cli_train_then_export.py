@@ -133,10 +133,13 @@ class Terminal(io.StringIO):
 def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
     from rtdlm.train import EvalLog, Progress, StepLog
 
-    logs = [StepLog(step, 2.5, 1e-3, 1.0, 1234, 1.0, 0.0, 2.5e11, False, 0) for step in (50, 51)]
+    logs = [
+        StepLog(step, 2.5, 1e-3, 1.0, 1234, 1.0, 0.0, 2.5e11, False, 0, mfu=0.25, peak_flops=1e12)
+        for step in (50, 51)
+    ]
     terminal, pipe = Terminal(), io.StringIO()
     for stream in (terminal, pipe):
-        progress = Progress(stream, max_steps=100, peak_flops=1e12)
+        progress = Progress(stream, max_steps=100)
         for log in logs:
             progress.on_step(log)
         progress.on_eval(EvalLog(51, 2.0))
@@ -153,18 +156,68 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
     )
 
 
-def test_resuming_onto_unusable_checkpoints_is_one_clear_line(
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run dir and its bytes (the lock file names its last holder: left out)."""
+    files = (p for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock")
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in files}
+
+
+def test_resuming_onto_unusable_checkpoints_refuses_the_same_way_every_time(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = ["--run-dir", str(tmp_path / "run"), "--sample-tokens", "0"]
+    """Every checkpoint corrupt: the run dir is refused in one line and left as it was, so a
+    retry (a person, a script, a Job's restart) is refused alike instead of training from 0;
+    --restart-if-all-corrupt sets them aside and trains from step 0."""
+    run_dir = tmp_path / "run"
+    run = ["--run-dir", str(run_dir), "--sample-tokens", "0"]
     assert trainer([*FAST, *run]) == 0
-    for path in (tmp_path / "run" / "checkpoints").rglob("*"):
+    for path in (run_dir / "checkpoints").rglob("*"):
         if path.is_file() and "/params/" in str(path):
             path.write_bytes(b"garbage")
+    before = snapshot(run_dir)
     capsys.readouterr()
-    assert trainer([*FAST, *run, "--max-steps", "6"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("trainer: error: no intact checkpoint in ") and "\n" not in err
-    assert any(
-        p.name.startswith("3.corrupt-") for p in (tmp_path / "run" / "checkpoints").iterdir()
+    errors = []
+    for flags in ([], [], ["--no-resume"]):
+        assert trainer([*FAST, *run, "--max-steps", "6", *flags]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith("trainer: error: ") and err.count("\n") == 1, err
+        errors.append(err)
+        assert snapshot(run_dir) == before  # config.yaml, steps.jsonl, checkpoints: as they were
+    assert errors[0] == errors[1]
+    assert errors[0].startswith(f"trainer: error: no intact checkpoint in {run_dir}/checkpoints: ")
+    assert errors[0].endswith(
+        "nothing was changed: put intact copies back, pass a new --run-dir, or rerun with "
+        "--restart-if-all-corrupt to set them aside and train from step 0\n"
     )
+    assert "already holds checkpoints and resuming is off (--no-resume)" in errors[2]
+
+    assert trainer([*FAST, *run, "--max-steps", "6", "--restart-if-all-corrupt"]) == 0
+    out = capsys.readouterr().out
+    assert "training from step 0 (--restart-if-all-corrupt)" in out and "done: 6 steps (6 " in out
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert kept[0].startswith("3.corrupt-") and "6" in kept, kept
+    assert [p.name.startswith("steps-before-") for p in run_dir.glob("steps*.jsonl")].count(True)
+
+
+def test_a_corrupt_newest_checkpoint_is_one_line_naming_where_it_went(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    run = ["--run-dir", str(run_dir), "--sample-tokens", "0", "--checkpoint-every", "2"]
+    assert trainer([*FAST, *run, "--max-steps", "4"]) == 0
+    files = [p for p in (run_dir / "checkpoints" / "4").rglob("*") if p.is_file()]
+    victim = max((p for p in files if "/params/" in str(p)), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 1
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert trainer([*FAST, *run, "--max-steps", "6"]) == 0
+    out, err = capsys.readouterr()
+    [aside] = [p for p in (run_dir / "checkpoints").iterdir() if ".corrupt-" in p.name]
+    lines = [line for line in out.splitlines() if " is corrupt" in line]
+    assert lines == [
+        f"checkpoint step 4 in {run_dir}/checkpoints is corrupt: "
+        f"{victim.relative_to(run_dir / 'checkpoints' / '4')} does not match its XXH3-128 "
+        f"digest; moved to {aside}; restored step 2 instead"
+    ], out
+    assert "WARNING" not in out + err and "resumed from step 2" in out

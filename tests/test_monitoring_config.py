@@ -75,7 +75,8 @@ def test_a_real_scrape_passes_promtool_check_metrics(tool: Callable[[str], str])
         step_seconds=0.1,
         grad_norm=1.0,
         data_wait_seconds=0.001,
-        flops=1e9,
+        mfu=0.01,
+        peak_flops=1e12,
     )
     callback.on_eval(1, loss=2.1)
     callback.on_checkpoint(1, save_seconds=0.2)

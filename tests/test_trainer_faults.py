@@ -1,8 +1,9 @@
 """Faults at a run's edges, tried as a new user would: a full disk during a checkpoint save, two
-trainers on one run directory, a run directory that is a file."""
+trainers on one run directory, a run directory that is a file or read-only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -69,6 +70,54 @@ def test_a_run_dir_that_is_a_file_is_one_line(
         f"trainer: error: run dir {path} is a file: pass a directory path"
     )
     assert path.read_text() == "keep me"
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """`path` bind-mounted read-only over itself (mount -o remount,ro, without the disk)."""
+    done = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"needs root to bind-mount: {done.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        (
+            "",
+            "cannot write to run dir {run_dir}: Read-only file system: make it writable (is it "
+            "mounted read-only?) or pass another --run-dir",
+        ),
+        (
+            "checkpoints",
+            "cannot write checkpoints to {run_dir}/checkpoints: Read-only file system: make it "
+            "writable (is it mounted read-only?) or save them elsewhere",
+        ),
+    ],
+)
+def test_a_read_only_run_dir_is_one_line_before_any_step(
+    tmp_path: Path, where: str, message: str
+) -> None:
+    run_dir = tmp_path / "run"
+    command = [*FAST, "--no-metrics", "--run-dir", str(run_dir)]
+    assert trainer([*command, "--max-steps", "2"]) == 0
+
+    def files() -> dict[Path, bytes]:  # but the lock file, which names its last holder
+        return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    with read_only(run_dir / where):
+        process = start(*command, "--max-steps", "4")
+        out, err = process.communicate(timeout=600)
+    assert process.returncode == 2, out + err
+    assert err == f"trainer: error: {message.format(run_dir=run_dir)}\n"
+    assert "step     3" not in out  # refused before training, not at the first save
+    assert files() == before
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ import haiku as hk
 import jax
 import optax
 
-from rtdlm.metrics import device_memory, peak_flops
+from rtdlm.metrics import device_memory, peak_flops, utilization
 from rtdlm.model import build_with_stats, flops_per_token
 from rtdlm.model.config import ATTENTION_IMPLS, COMPUTE_DTYPES, REMAT_POLICIES
 from rtdlm.train import Batch, RunConfig
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"remat={remat} done at {time.perf_counter() - start:.0f} s", flush=True)
     measured = peak_flops(dtype=args.dtype)  # the trainer's: the table's, or a measured dot
     for run in runs:
-        run["MFU"] = run["model TFLOP/s"] * 1e12 / measured.flops_per_second
+        run["MFU"] = utilization(run["model TFLOP/s"] * 1e12, 1.0, measured)[0]
     results: dict[str, Any] = {
         "machine": machine(),
         "settings": {

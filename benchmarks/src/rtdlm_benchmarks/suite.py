@@ -4,13 +4,13 @@ Run: ./pants run benchmarks -- [--out results.json] [--presets tiny small] [--st
 
 Sections: matmul ceilings (float32, bf16 in / float32 out, bf16 in / bf16 out); training steps
 of each preset in float32 and bfloat16 (tokens/s, MFU, step p50/p95, compile time) with the
-variants alternated step by step and a matmul probe of the compute dtype beside every step
-(the trainer's MFU peak); a second process compiling the same step against the first one's
-persistent compilation cache; the data pipeline's batches/s over what training consumes;
-async checkpoint blocking as a fraction of a step; verified checkpoint restore throughput over
-a raw read of the same bytes, from the disk and from the page cache; decode tokens/s with the
-KV cache. Machine speed drifts by up to 1.6x between runs, so compare ratios taken within one
-run, not absolute numbers across runs.
+variants alternated step by step and the trainer's MFU peak (rtdlm.metrics.measure_peak: the
+best probe of several sizes and forms) measured beside every step; a second process
+compiling the same step against the first one's persistent compilation cache; the data
+pipeline's batches/s over what training consumes; async checkpoint blocking as a fraction of
+a step; verified checkpoint restore throughput over a raw read of the same bytes, from the
+disk and from the page cache; decode tokens/s with the KV cache. Machine speed drifts by up to
+1.6x between runs, so compare ratios taken within one run, not absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from rtdlm.ckpt import CheckpointManager
-from rtdlm.metrics import measure_matmul_flops
+from rtdlm.metrics import measure_peak, utilization
 from rtdlm.model import build, build_with_stats, flops_per_token, generate
 from rtdlm.train import Batch, host, resolve
 from rtdlm.train.config import RunConfig, for_first_start
@@ -103,8 +103,8 @@ def compile_step(cfg: RunConfig) -> tuple[Any, TrainState, float]:
 
 def training(presets: list[str], dtypes: list[str], steps: int) -> list[dict[str, Any]]:
     """Every (preset, dtype) compiled, then their steps alternated round-robin, each followed
-    by a matmul probe of its compute dtype (the trainer's peak): MFU is model FLOP/s over the
-    probe's FLOP/s, so float32 rows are float32 MFU and bf16 rows are against bf16 dots."""
+    by the trainer's peak for its compute dtype, measured there: MFU is the trainer's, so
+    float32 rows are against float32 dots and bf16 rows against the best of both forms."""
     runs: list[dict[str, Any]] = []
     for preset, dtype in itertools.product(presets, dtypes):
         cfg = run_config(preset, dtype, steps)
@@ -129,8 +129,8 @@ def training(presets: list[str], dtypes: list[str], steps: int) -> list[dict[str
             cfg = run["cfg"]
             tokens = cfg.data.batch_size * cfg.model.seq_len
             run["seconds"].append(seconds)
-            probe = measure_matmul_flops(repeats=2, dtype=cfg.model.compute_dtype)
-            run["mfu"].append(flops_per_token(cfg.model) * tokens / seconds / probe)
+            peak = measure_peak(cfg.model.compute_dtype, repeats=2)
+            run["mfu"].append(utilization(flops_per_token(cfg.model) * tokens, seconds, peak)[0])
     rows = []
     for run in runs:
         cfg, times = run["cfg"], sorted(run["seconds"])

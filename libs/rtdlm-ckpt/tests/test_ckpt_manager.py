@@ -19,10 +19,12 @@ from rtdlm.ckpt import (
     CheckpointError,
     CheckpointManager,
     CorruptCheckpointError,
+    NoIntactCheckpointError,
     Retention,
     integrity,
     restore_params,
     retained_steps,
+    set_aside_steps,
 )
 from rtdlm.ckpt.integrity import MANIFEST
 
@@ -283,7 +285,7 @@ def test_uncompressed_arrays_are_read_without_opening_them_in_tensorstore(
             assert_trees_equal(manager.restore(1, params=params).params, params)
 
 
-def test_restore_latest_falls_back_to_the_newest_intact_one_and_says_so(
+def test_restore_latest_falls_back_to_the_newest_intact_one_and_says_so_in_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with CheckpointManager(tmp_path, Retention(keep_last=5)) as manager:
@@ -298,10 +300,36 @@ def test_restore_latest_falls_back_to_the_newest_intact_one_and_says_so(
         assert_trees_equal(ckpt.params, model_params(1))
         assert manager.steps() == [1]
         manager.save(2, params=model_params(2))  # training goes on from the intact step
-    assert "restored step 1 instead of newer corrupt checkpoints" in caplog.text
-    assert "checkpoint step 3" in caplog.text and "checkpoint step 2" in caplog.text
     kept = sorted(p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name)
     assert [name.split(".")[0] for name in kept] == ["2", "3"]  # set aside, not deleted
+    assert set_aside_steps(tmp_path) == kept
+    [record] = [r for r in caplog.records if r.name == "rtdlm.ckpt.manager"]
+    line = record.getMessage()
+    assert "\n" not in line and line.startswith(f"checkpoint step 3 in {tmp_path} is corrupt: ")
+    assert f"; checkpoint step 2 in {tmp_path} is corrupt: " in line
+    assert line.endswith(
+        f"; moved to {tmp_path / kept[1]}, {tmp_path / kept[0]}; restored step 1 instead"
+    )
+
+
+def test_when_none_is_intact_nothing_is_renamed_and_a_retry_says_the_same(
+    tmp_path: Path,
+) -> None:
+    with CheckpointManager(tmp_path) as manager:
+        for step in (1, 2):
+            manager.save(step, params=model_params(step))
+    for step in (1, 2):
+        (tmp_path / str(step) / MANIFEST).unlink()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    errors = []
+    for _ in range(2):
+        with CheckpointManager(tmp_path) as manager, pytest.raises(NoIntactCheckpointError) as e:
+            manager.restore_latest(params=model_params())
+        errors.append(str(e.value))
+        assert [step for step, _ in e.value.corrupt] == [2, 1]
+    assert errors[0] == errors[1] and errors[0].startswith(f"no intact checkpoint in {tmp_path}")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert set_aside_steps(tmp_path) == []
 
 
 def test_only_corrupt_checkpoints_is_a_clear_error(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ def callback(registry: CollectorRegistry, **kwargs: object) -> PrometheusTrainin
 def test_a_step_reads_back_under_the_seed_names_with_run_and_process_labels() -> None:
     registry = CollectorRegistry()
     cb = callback(registry, peak_flops_per_second=1e12)
+    assert value(registry, "rtdlm_peak_flops_per_second") == 1e12  # before the first step
     cb.on_step(
         1,
         loss=2.0,
@@ -29,7 +30,8 @@ def test_a_step_reads_back_under_the_seed_names_with_run_and_process_labels() ->
         step_seconds=0.5,
         grad_norm=1.25,
         data_wait_seconds=0.002,
-        flops=2e11,
+        mfu=0.4,
+        peak_flops=2e12,
     )
     cb.on_step(2, loss=1.5, learning_rate=2e-3, tokens=4096, step_seconds=90.0, grad_norm=0.5)
     assert value(registry, "rtdlm_training_loss") == 1.5
@@ -40,8 +42,8 @@ def test_a_step_reads_back_under_the_seed_names_with_run_and_process_labels() ->
     assert value(registry, "rtdlm_training_steps_total") == 2
     assert value(registry, "rtdlm_tokens_total") == 8192
     assert value(registry, "rtdlm_training_step") == 2
-    assert value(registry, "rtdlm_model_flops_utilization") == pytest.approx(2e11 / 0.5 / 1e12)
-    assert value(registry, "rtdlm_peak_flops_per_second") == 1e12
+    assert value(registry, "rtdlm_model_flops_utilization") == 0.4  # the last step that had one
+    assert value(registry, "rtdlm_peak_flops_per_second") == 2e12
     assert value(registry, "rtdlm_batch_time_seconds_count") == 2
     # a 90 s step lands in a real bucket, not only in +Inf
     assert value(registry, "rtdlm_batch_time_seconds_bucket", le="120.0") == 2

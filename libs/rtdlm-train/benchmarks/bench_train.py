@@ -5,7 +5,7 @@ Run: ./pants run libs/rtdlm-train/benchmarks:bench -- [--presets tiny small] [--
 `step` times the trainer's compiled step (AdamW, clipping, accumulation, non-finite guard)
 with a wait after each; `--loop` runs the real Trainer (data prefetch, metrics read one step
 late, callbacks, steps.jsonl) and times its steps as reported. Machine speed drifts, so every
-number is paired with a float32 matmul probe taken beside it, and MFU is their ratio.
+number is paired with the trainer's MFU peak (rtdlm.metrics.measure_peak) taken beside it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from rtdlm.metrics import measure_matmul_flops
+from rtdlm.metrics import measure_peak, utilization
 from rtdlm.model import build_with_stats, flops_per_token, param_count
 from rtdlm.train import Batch, Callback, StepLog, Trainer, resolve
 from rtdlm.train.config import RunConfig, for_first_start
@@ -56,9 +56,9 @@ def bench_step(cfg: RunConfig, steps: int) -> dict[str, float]:
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics.loss)
         seconds = time.perf_counter() - start
-        probe = measure_matmul_flops(repeats=3)  # right beside the step it is compared with
+        peak = measure_peak(cfg.model.compute_dtype)  # beside the step it is compared with
         rates.append(n_tokens / seconds)
-        mfus.append(flops_per_token(cfg.model) * n_tokens / seconds / probe)
+        mfus.append(utilization(flops_per_token(cfg.model) * n_tokens, seconds, peak)[0])
     return {
         "compile s": compile_s,
         "tokens/s": statistics.median(rates),
@@ -77,19 +77,20 @@ class Clock(Callback):
 def bench_loop(cfg: RunConfig, steps: int) -> dict[str, float]:
     """The Trainer's own step times after two warm-up steps, with probes before and after."""
     clock = Clock()
-    before = measure_matmul_flops(repeats=3)
+    before = measure_peak(cfg.model.compute_dtype)
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
         Trainer(cfg, DATA, run_dir, [clock], compile_cache=False).run()
         total = time.perf_counter() - start
-    probe = statistics.mean([before, measure_matmul_flops(repeats=3)])
+    after = measure_peak(cfg.model.compute_dtype)
+    peak = max(before, after, key=lambda p: p.flops_per_second)
     timed = clock.logs[2:]
     seconds = sum(log.step_seconds for log in timed)
     tokens = sum(log.tokens for log in timed)
     return {
         "compile s": clock.logs[0].step_seconds,
         "tokens/s": tokens / seconds,
-        "MFU": sum(log.flops for log in timed) / seconds / probe,
+        "MFU": utilization(sum(log.flops for log in timed), seconds, peak)[0],
         "run s": total,
     }
 

@@ -114,6 +114,38 @@ def test_the_step_reports_the_learning_rate_it_used() -> None:
     assert rates == pytest.approx([0.0, 2.5e-3, 5e-3])
 
 
+def test_after_a_skipped_step_the_reported_rate_is_the_one_optax_applies() -> None:
+    """A skipped step counts in TrainState.step but not in optax's schedule: the step after it
+    reports (and applies) the rate of the step before, as a run without the bad batch would."""
+    cfg = config("data.batch_size=2", "optimizer.warmup_steps=4", "optimizer.learning_rate=1e-2")
+    model = build_with_stats(cfg.model)
+    optimizer = make_optimizer(cfg.optimizer)
+    step = make_train_step(model, optimizer, cfg)
+    first, bad, third, fourth = batches(2, cfg.model.seq_len, 4)
+    state, metrics = step(init_state(model, optimizer, cfg), first)
+    rates = [float(metrics.learning_rate)]
+    good = jax.tree.map(np.array, state.params)
+    nan = jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), state.params)
+    state, metrics = step(state._replace(params=nan), bad)
+    assert not bool(metrics.finite) and int(state.step) == 2
+    rates.append(float(metrics.learning_rate))
+    state = state._replace(params=jax.tree.map(jnp.asarray, good))
+    for batch in (third, fourth):
+        state, metrics = step(state, batch)
+        rates.append(float(metrics.learning_rate))
+    assert rates == pytest.approx([0.0, 2.5e-3, 2.5e-3, 5e-3])  # schedule(state.step): 7.5e-3
+
+    # the oracle: the same run without the bad batch applies those rates to the same params
+    clean = init_state(model, optimizer, cfg)
+    clean_rates = []
+    for batch in (first, third, fourth):
+        clean, metrics = step(clean, batch)
+        clean_rates.append(float(metrics.learning_rate))
+    assert clean_rates == [rates[0], *rates[2:]]
+    for a, b in zip(jax.tree.leaves(clean.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_padding_and_cross_document_targets_do_not_count() -> None:
     segments = jnp.asarray([[1, 1, 1, 2, 2, 0, 0]])
     assert target_mask(segments).tolist() == [[True, True, False, True, False, False]]

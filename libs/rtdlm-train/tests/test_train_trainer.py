@@ -233,3 +233,32 @@ def test_a_mixture_of_experts_model_trains_with_its_auxiliary_losses(tmp_path: P
     assert all(np.isfinite(s.loss) for s in seen.steps)
     assert seen.evals[-1].loss < seen.evals[0].loss
     assert "block_1/moe/router" in (seen.ended[0].params or {})
+
+
+def test_mfu_is_never_above_one_and_a_low_peak_is_raised_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peak measured under load (or by a probe slower than the model's dots) is below what
+    the steps reach: MFU stays at most 1, the peak rises to the achieved rate, said once."""
+    from rtdlm.metrics import Peak
+
+    low = Peak(1e3, "measured: a probe under load")
+    recorder = Recorder()
+    cfg = config("data.batch_size=2", "train.max_steps=4")
+    with caplog.at_level("WARNING", logger="rtdlm.train"):
+        Trainer(cfg, DATA, tmp_path, [recorder], compile_cache=False, peak=low).run()
+    mfus = [log.mfu for log in recorder.steps]
+    assert all(m is not None and 0 < m <= 1 for m in mfus) and mfus[0] == 1.0
+    peaks = [log.peak_flops for log in recorder.steps]
+    first = recorder.steps[0]
+    assert peaks[0] == first.flops / first.step_seconds
+    assert peaks == sorted(peaks)  # only ever raised
+    raised = [r.getMessage() for r in caplog.records if "peak MFU was against" in r.getMessage()]
+    assert len(raised) == 1 and raised[0].startswith("step 1 ran at ")
+    assert raised[0].endswith(
+        "above the 0 GFLOP/s peak MFU was against (measured: a probe under load): the peak is "
+        "raised to what steps achieve"
+    )
+    assert "mfu" in steps_file(tmp_path)[1]
+    without = run(cfg, tmp_path / "none")  # no peak, no MFU
+    assert {log.mfu for log in without.steps} == {None}

@@ -97,6 +97,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=True,
         help="continue from the run dir's newest intact checkpoint (default: yes, if any)",
     )
+    parser.add_argument(
+        "--restart-if-all-corrupt",
+        action="store_true",
+        help="if every checkpoint in the run dir is corrupt, rename them <step>.corrupt-<time> "
+        "(kept) and train from step 0 there; without it such a run dir is refused",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print sizes and costs, then exit")
     parser.add_argument(
         "--sample-tokens", type=int, default=120, help="text to generate at the end"
@@ -205,8 +211,11 @@ def summarize(result: RunResult, tokenizer: Tokenizer, sample_tokens: int, stop:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run_log = logging.getLogger("rtdlm.train")  # the run's own messages are terminal lines
-    run_log.setLevel(logging.INFO)
+    # The libraries' messages are the run's own terminal lines: rtdlm.train's from INFO (resume,
+    # config), the others' (a checkpoint set aside, a save that failed) from WARNING.
+    run_log = logging.getLogger("rtdlm")
+    run_log.setLevel(logging.WARNING)
+    logging.getLogger("rtdlm.train").setLevel(logging.INFO)
     run_log.propagate = False
     run_log.handlers = [logging.StreamHandler(sys.stdout)]
     args = parse_args(argv)
@@ -242,8 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{data.train.num_tokens:,} train / {data.validation.num_tokens:,} held-out tokens | "
         f"MFU against {peak.source}" + (f" | metrics: {server.url}" if server else "")
     )
-    progress = Progress(sys.stdout, cfg.train.max_steps, peak.flops_per_second, who)
-    trainer = Trainer(cfg, data, run_dir, [progress, Prometheus(metrics)], resume=args.resume)
+    progress = Progress(sys.stdout, cfg.train.max_steps, who)
+    trainer = Trainer(
+        cfg,
+        data,
+        run_dir,
+        [progress, Prometheus(metrics)],
+        resume=args.resume,
+        restart_if_all_corrupt=args.restart_if_all_corrupt,
+        peak=peak,
+    )
     signals = Signals()
     try:
         with logging_redirect_tqdm([run_log]):

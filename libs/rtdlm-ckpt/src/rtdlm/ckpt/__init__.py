@@ -6,10 +6,12 @@ from rtdlm.ckpt.manager import (
     CheckpointManager,
     CheckpointSaveError,
     CorruptCheckpointError,
+    NoIntactCheckpointError,
     SaveInfo,
     git_revision,
     package_versions,
     restore_params,
+    set_aside_steps,
 )
 from rtdlm.ckpt.retention import Retention, retained_steps
 
@@ -19,10 +21,12 @@ __all__ = [
     "CheckpointManager",
     "CheckpointSaveError",
     "CorruptCheckpointError",
+    "NoIntactCheckpointError",
     "Retention",
     "SaveInfo",
     "git_revision",
     "package_versions",
     "restore_params",
     "retained_steps",
+    "set_aside_steps",
 ]

@@ -33,6 +33,7 @@ import re
 import shutil
 import socket
 import subprocess  # nosec B404 # only for `git rev-parse HEAD` below
+import tempfile
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,6 +66,19 @@ class CheckpointError(Exception):
 
 class CorruptCheckpointError(CheckpointError):
     """A checkpoint whose files are missing, truncated or altered."""
+
+
+class NoIntactCheckpointError(CheckpointError):
+    """Every committed checkpoint is corrupt (or there is none): `corrupt` holds each step and
+    what is wrong with it. Nothing was renamed or changed."""
+
+    def __init__(self, directory: epath.Path, corrupt: list[tuple[int, str]]) -> None:
+        self.directory, self.corrupt = directory, corrupt
+        problems = "; ".join(problem for _, problem in corrupt)
+        super().__init__(
+            f"no intact checkpoint in {directory}: "
+            + (problems or "it holds no complete checkpoint")
+        )
 
 
 class CheckpointSaveError(CheckpointError):
@@ -259,6 +273,23 @@ def _check_readable(directory: epath.Path) -> None:
         )
 
 
+def _check_writable(directory: epath.Path) -> None:
+    """A local directory that refuses files (a read-only mount) is found now, not after the
+    steps up to the first save were trained and lost."""
+    if "://" in str(directory):
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot write checkpoints to {directory}: {error.strerror}: make it writable "
+            "(is it mounted read-only?) or save them elsewhere"
+        ) from None
+
+
 def _summary(error: BaseException, limit: int = 300) -> str:
     """One line of an orbax/tensorstore error, which can run to pages of JSON spec."""
     text = " ".join(str(error).split()) or type(error).__name__
@@ -320,6 +351,8 @@ class CheckpointManager:
         self.directory = _path(directory)
         if not read_only and self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory} is a file: pass a directory for checkpoints")
+        if not read_only:
+            _check_writable(self.directory)
         retention = retention or Retention()
         quiet.install()
         self.retention = retention
@@ -739,37 +772,53 @@ class CheckpointManager:
             raise error
 
     def restore_latest(self, **kwargs: Any) -> Checkpoint:
-        """The newest intact checkpoint; corrupt newer ones are renamed aside, never deleted."""
+        """The newest intact checkpoint. Newer corrupt ones are then renamed aside (never
+        deleted) and reported in one warning; where none is intact, nothing is renamed and
+        NoIntactCheckpointError names each step's problem, the same on every retry."""
         _check_readable(self.directory)
-        problems = []
+        corrupt: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             try:
                 checkpoint = self.restore(step, **kwargs)
             except CorruptCheckpointError as error:
-                problems.append(str(error))
-                self._set_aside(step)
+                corrupt.append((step, str(error)))
                 continue
-            if problems:
-                log.warning(
-                    "restored step %d instead of newer corrupt checkpoints: %s",
-                    step,
-                    "; ".join(problems),
-                )
+            except CheckpointError:
+                if step in self.steps():
+                    raise
+                continue  # set aside meanwhile by process 0 of a multi-process restore
+            if corrupt:
+                moved = [self.set_aside(bad) for bad, _ in corrupt]
+                where = "moved to " + ", ".join(str(path) for path in moved)
+                if None in moved:
+                    where = "left in place (read-only)" if self._read_only else "process 0 moves it"
+                problems = "; ".join(problem for _, problem in corrupt)
+                log.warning("%s; %s; restored step %d instead", problems, where, step)
             return checkpoint
-        raise CheckpointError(
-            f"no intact checkpoint in {self.directory}: "
-            + ("; ".join(problems) or "it holds no complete checkpoint")
-        )
+        raise NoIntactCheckpointError(self.directory, corrupt)
 
-    def _set_aside(self, step: int) -> None:
-        """Renames a corrupt step so orbax stops counting it; its bytes stay for a post-mortem."""
+    def set_aside(self, step: int) -> epath.Path | None:
+        """Renames a corrupt step to `<step>.corrupt-<time>` so orbax stops counting it; its
+        bytes stay for a post-mortem. Returns the new path; None where this manager does not
+        write (read-only, or not process 0)."""
         if self._read_only or jax.process_index() != 0:
-            return
+            return None
         source = self.directory / str(step)
-        target = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        target = self.directory / f"{step}{_ASIDE}{time.strftime('%Y%m%d-%H%M%S')}"
         source.rename(target)
-        log.warning("moved corrupt checkpoint %s to %s", source, target)
         self._manager.reload()
+        return target
+
+
+_ASIDE = ".corrupt-"
+
+
+def set_aside_steps(directory: str | os.PathLike[str]) -> list[str]:
+    """Names of the checkpoints `set_aside` moved out of `directory`, oldest step first."""
+    path = _path(directory)
+    names = [p.name for p in path.iterdir()] if path.is_dir() else []
+    aside = [name for name in names if re.fullmatch(r"\d+" + re.escape(_ASIDE) + r".+", name)]
+    return sorted(aside, key=lambda name: (int(name.split(".")[0]), name))
 
 
 _CHECKED_AFTER = 2**20  # bytes the check may hash itself after the reads: about 0.1 ms

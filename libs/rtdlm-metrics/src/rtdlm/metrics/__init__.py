@@ -3,7 +3,7 @@
 from rtdlm.metrics.callback import BATCH_TIME_BUCKETS, PrometheusTrainingCallback
 from rtdlm.metrics.exporter import ExporterError, MetricsServer, start_server
 from rtdlm.metrics.memory import device_memory, host_memory_used_bytes
-from rtdlm.metrics.mfu import Peak, measure_matmul_flops, model_flops_utilization, peak_flops
+from rtdlm.metrics.mfu import Peak, measure_matmul_flops, measure_peak, peak_flops, utilization
 
 __all__ = [
     "BATCH_TIME_BUCKETS",
@@ -14,7 +14,8 @@ __all__ = [
     "device_memory",
     "host_memory_used_bytes",
     "measure_matmul_flops",
-    "model_flops_utilization",
+    "measure_peak",
     "peak_flops",
     "start_server",
+    "utilization",
 ]

@@ -18,7 +18,6 @@ import jax
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from rtdlm.metrics.memory import device_memory, host_memory_used_bytes
-from rtdlm.metrics.mfu import model_flops_utilization
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ class PrometheusTrainingCallback:
         devices: list[jax.Device] | None = None,
     ) -> None:
         self.errors = 0
-        self._peak = peak_flops_per_second
         self._devices = devices if devices is not None else jax.local_devices()
         labels = {"run": run, "process_index": str(process_index)}
 
@@ -146,9 +144,11 @@ class PrometheusTrainingCallback:
         step_seconds: float,
         grad_norm: float | None = None,
         data_wait_seconds: float | None = None,
-        flops: float | None = None,
+        mfu: float | None = None,
+        peak_flops: float | None = None,
     ) -> None:
-        """`flops`: model FLOPs of this step (forward and backward), for MFU."""
+        """`mfu` and the `peak_flops` it is against come from rtdlm.metrics.mfu.utilization,
+        which raises the peak when a step beats it."""
         self.step.set(step)
         self.steps.inc()
         self.tokens.inc(tokens)
@@ -166,8 +166,10 @@ class PrometheusTrainingCallback:
             self.nonfinite_steps.inc()
         if data_wait_seconds is not None:
             self.data_wait.observe(data_wait_seconds)
-        if flops is not None and self._peak:
-            self.mfu.set(model_flops_utilization(flops, step_seconds, self._peak))
+        if mfu is not None:
+            self.mfu.set(mfu)
+        if peak_flops is not None:
+            self.peak_flops.set(peak_flops)
         self.last_step_time.set(time.time())
         self.sample_memory()
 

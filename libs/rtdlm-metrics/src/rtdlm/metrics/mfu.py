@@ -1,4 +1,10 @@
-"""Model FLOPs utilization: achieved model FLOP/s over the accelerator's peak FLOP/s."""
+"""Model FLOPs utilization: achieved model FLOP/s over a ceiling the device can really reach.
+
+One definition for the trainer, the metrics and the benchmarks: the peak is the configured
+one, else the data sheet's for a known accelerator, else (CPUs) the best of matmul probes of
+several sizes in every form the model's dots may take. A utilization is never above 1: a step
+that beats the peak proves the peak low, and `utilization` raises it to what was achieved.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +23,15 @@ PEAK_BF16_FLOPS = {
     "a100": 312.0e12,
 }
 
+# A single size is a poor ceiling: which one runs fastest depends on the CPU's caches and on
+# the dot kernel XLA picks, and the model's own dots may beat any one of them.
+PROBE_SIZES = (512, 1024, 2048)
+
 
 @dataclass(frozen=True)
 class Peak:
     flops_per_second: float
-    source: str  # "config", "table: <key>" or "measured: <n>x<n> <dtype> matmul"
+    source: str  # "config", "table: <key>", "measured: ..." or RAISED + the first source
 
 
 def peak_from_table(device_kind: str) -> Peak | None:
@@ -32,14 +42,13 @@ def peak_from_table(device_kind: str) -> Peak | None:
     return None
 
 
-# One jitted function, so a probe beside every step compiles once per shape and dtype.
+# One jitted function, so probes compile once per shape and dtype.
 _matmul = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
 
 
 def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
-    """Best FLOP/s of an n x n matmul on the default device, a CPU's practical peak: `dtype`
-    inputs accumulating in float32, the way the model's matmuls are written (on CPUs with
-    bf16 units a bf16 dot with a bf16 result runs slower than float32)."""
+    """Best FLOP/s of an n x n matmul on the default device: `dtype` inputs accumulating in
+    float32, the way the model's matmuls are written."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
     jax.block_until_ready(_matmul(a, b))
@@ -51,11 +60,32 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32"
     return 2.0 * n**3 / best
 
 
+def probe_forms(dtype: str) -> tuple[str, ...]:
+    """Input dtypes a model computing in `dtype` runs its dots in: float32 always (a bf16
+    model keeps some float32 dots, and on CPUs without bf16 matrix units they are the faster
+    form), and the compute dtype accumulating in float32."""
+    return tuple(dict.fromkeys(("float32", str(jnp.dtype(dtype)))))
+
+
+def measure_peak(
+    dtype: str = "float32", sizes: tuple[int, ...] = PROBE_SIZES, repeats: int = 3
+) -> Peak:
+    """The best FLOP/s of any probe size in any of `probe_forms(dtype)`."""
+    rates = {
+        (n, form): measure_matmul_flops(n, repeats, form)
+        for form in probe_forms(dtype)
+        for n in sizes
+    }
+    (n, form), best = max(rates.items(), key=lambda item: item[1])
+    forms = " and ".join(f"{form}->float32" for form in probe_forms(dtype))
+    return Peak(best, f"measured: best {form} {n}x{n} of {forms} matmuls, sizes {sizes}")
+
+
 def peak_flops(
     configured: float | None = None, device: jax.Device | None = None, dtype: str = "float32"
 ) -> Peak:
-    """The configured peak, else the table's for a known accelerator, else a measured matmul
-    of the compute dtype (so bf16 training is not measured against the float32 ceiling)."""
+    """The configured peak, else the table's for a known accelerator, else `measure_peak` of
+    the compute dtype (so bf16 training is not held to the float32 ceiling alone)."""
     if configured is not None:
         if configured <= 0:
             raise ValueError(f"peak FLOP/s must be positive, got {configured}")
@@ -63,8 +93,27 @@ def peak_flops(
     device = device or jax.local_devices()[0]
     if (known := peak_from_table(device.device_kind)) is not None:
         return known
-    return Peak(measure_matmul_flops(dtype=dtype), f"measured: 1024x1024 {dtype} matmul")
+    return measure_peak(dtype)
+
+
+def utilization(flops: float, seconds: float, peak: Peak) -> tuple[float, Peak]:
+    """MFU of `flops` done in `seconds`, and the peak to hold later steps to: where the step
+    ran faster than `peak`, the peak was wrong, so it is raised to the achieved rate (MFU 1)."""
+    if seconds <= 0:
+        return 0.0, peak
+    achieved = flops / seconds
+    if achieved <= peak.flops_per_second:
+        return achieved / peak.flops_per_second, peak
+    first = peak.source.split(RAISED, 1)[-1]
+    return 1.0, Peak(achieved, f"{RAISED}{first}")
+
+
+RAISED = "raised to what a step achieved, above "
+
+
+RAISED = "raised to what a step achieved, above "
 
 
 def model_flops_utilization(flops: float, seconds: float, peak: float) -> float:
-    return flops / seconds / peak if seconds > 0 and peak > 0 else 0.0
+    """`utilization` against a bare FLOP/s figure, capped at 1."""
+    return utilization(flops, seconds, Peak(peak, "given"))[0] if peak > 0 else 0.0

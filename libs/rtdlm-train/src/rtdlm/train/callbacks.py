@@ -18,6 +18,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from rtdlm.train.rundir import RunDirError
+
 if TYPE_CHECKING:
     from rtdlm.metrics import PrometheusTrainingCallback
     from rtdlm.train.trainer import RunResult
@@ -34,9 +36,11 @@ class StepLog:
     tokens: int  # targets in the batch (every sequence position, counted or not)
     step_seconds: float  # from the previous step's end to this one's: what throughput sees
     data_wait_seconds: float  # of which this step waited for its batch
-    flops: float  # model FLOPs of the step, forward and backward, for MFU
+    flops: float  # model FLOPs of the step, forward and backward
     skipped: bool  # non-finite loss or gradients: parameters were left unchanged
     nonfinite_in_row: int
+    mfu: float | None = None  # model FLOPs utilization (0..1), where the run has a peak
+    peak_flops: float | None = None  # the peak FLOP/s `mfu` is against, raised if a step beat it
 
     @property
     def tokens_per_second(self) -> float:
@@ -85,11 +89,18 @@ class StepsFile(Callback):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunDirError(
+                f"cannot write {path}: {error.strerror}: make the run dir writable or pass "
+                "another --run-dir"
+            ) from None
         self._failing = False
 
     def on_step(self, log: StepLog) -> None:
-        record = {k: v for k, v in asdict(log).items() if k not in ("flops", "nonfinite_in_row")}
+        hidden = ("flops", "nonfinite_in_row", "peak_flops")
+        record = {k: v for k, v in asdict(log).items() if k not in hidden}
         record |= {"tokens_per_second": log.tokens_per_second, "time": time.time()}
         try:
             os.write(self._fd, (json.dumps(record) + "\n").encode())
@@ -113,10 +124,8 @@ class Progress(Callback):
     """A tqdm bar on a terminal; on anything else (logs, pipes) a plain line every few steps.
     Held-out losses are printed as lines in both cases."""
 
-    def __init__(
-        self, file: IO[str], max_steps: int, peak_flops: float | None = None, prefix: str = ""
-    ) -> None:
-        self.file, self.max_steps, self.peak_flops = file, max_steps, peak_flops
+    def __init__(self, file: IO[str], max_steps: int, prefix: str = "") -> None:
+        self.file, self.max_steps = file, max_steps
         self.prefix = prefix  # e.g. "[process 1/2] " in a multi-host job
         self.tty = file.isatty()
         self.every = 1 if max_steps <= 500 else max_steps // 250
@@ -124,9 +133,7 @@ class Progress(Callback):
         self._start: tuple[int, float] | None = None  # first step seen, and when
 
     def _numbers(self, log: StepLog) -> str:
-        mfu = ""
-        if self.peak_flops and log.step_seconds > 0:
-            mfu = f" | MFU {log.flops / log.step_seconds / self.peak_flops:.1%}"
+        mfu = "" if log.mfu is None else f" | MFU {log.mfu:.1%}"
         skipped = " | SKIPPED (non-finite)" if log.skipped else ""
         return f"loss {log.loss:.4f} | {log.tokens_per_second:,.0f} tokens/s{mfu}{skipped}"
 
@@ -188,7 +195,8 @@ class Prometheus(Callback):
             step_seconds=log.step_seconds,
             grad_norm=log.grad_norm,
             data_wait_seconds=log.data_wait_seconds,
-            flops=log.flops,
+            mfu=log.mfu,
+            peak_flops=log.peak_flops,
         )
 
     def on_eval(self, log: EvalLog) -> None:

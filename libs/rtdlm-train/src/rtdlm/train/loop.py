@@ -41,7 +41,7 @@ class TrainState(NamedTuple):
 class StepMetrics(NamedTuple):
     loss: jax.Array
     grad_norm: jax.Array
-    learning_rate: jax.Array
+    learning_rate: jax.Array  # what optax applied (would have, on a skipped step)
     finite: jax.Array  # False: the update was skipped
     nonfinite_in_row: jax.Array
 
@@ -58,6 +58,21 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
         max(cfg.decay_steps, cfg.warmup_steps + 1),
         end_value=cfg.learning_rate * cfg.min_lr_ratio,
     )
+
+
+def applied_learning_rate(schedule: optax.Schedule, opt_state: optax.OptState) -> jax.Array:
+    """The rate optax applies in the update from `opt_state`: its schedule at optax's own
+    count, which a skipped (non-finite) step leaves behind TrainState.step."""
+    [count] = {
+        id(s): s.count
+        for s in jax.tree.leaves(opt_state, is_leaf=_is_schedule_state)
+        if _is_schedule_state(s)
+    }.values()
+    return schedule(count)
+
+
+def _is_schedule_state(node: Any) -> bool:
+    return isinstance(node, optax.ScaleByScheduleState)
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
@@ -186,7 +201,8 @@ def make_train_step(
             keep(opt_state, state.opt_state),
             nonfinite_in_row,
         )
-        metrics = StepMetrics(loss, grad_norm, schedule(state.step), finite, nonfinite_in_row)
+        learning_rate = applied_learning_rate(schedule, state.opt_state)
+        metrics = StepMetrics(loss, grad_norm, learning_rate, finite, nonfinite_in_row)
         return new_state, metrics
 
     if mesh is None:

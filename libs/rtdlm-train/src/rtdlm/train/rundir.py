@@ -37,7 +37,13 @@ class RunDirLock:
         except OSError as error:
             raise RunDirError(f"cannot create run dir {self.run_dir}: {error.strerror}") from None
         path = self.run_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:  # a read-only mount, a folder owned by someone else
+            raise RunDirError(
+                f"cannot write to run dir {self.run_dir}: {error.strerror}: make it writable "
+                "(is it mounted read-only?) or pass another --run-dir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rtdlm import ckpt
+from rtdlm.metrics import Peak, utilization
 from rtdlm.model import build_with_stats, flops_per_token, param_count
 from rtdlm.train.callbacks import Callback, CheckpointLog, EvalLog, StepLog, StepsFile
 from rtdlm.train.config import (
@@ -129,11 +130,17 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         *,
         resume: bool = True,
+        restart_if_all_corrupt: bool = False,
         compile_cache: bool = True,
+        peak: Peak | None = None,
     ) -> None:
+        """`restart_if_all_corrupt`: where every checkpoint in the run dir is corrupt, set them
+        aside and train from step 0 (without it, such a run dir is refused). `peak`: what MFU
+        is against (rtdlm.metrics.peak_flops); without one, no MFU."""
         self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir).absolute()
         self.callbacks = list(callbacks)
-        self.resume, self.compile_cache = resume, compile_cache
+        self.resume, self.restart_if_all_corrupt = resume, restart_if_all_corrupt
+        self.compile_cache, self.peak = compile_cache, peak
 
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> RunResult:
         """Trains to train.max_steps, or until should_stop() says so after a step; then
@@ -152,31 +159,82 @@ class Trainer:
                 use_compile_cache(self.run_dir / "xla-cache")
             retention = ckpt.Retention(keep_last=cfg.train.keep_checkpoints, keep_best=1)
             with ckpt.CheckpointManager(self.run_dir / "checkpoints", retention) as manager:
-                return _Run(cfg, self, manager, mesh, held_out).run(fresh, should_stop)
+                restored = None if fresh else self._restore(manager, cfg, mesh)
+                if restored is None and (not fresh or ckpt.set_aside_steps(manager.directory)):
+                    cfg = self._start_over()
+                self._save_config(cfg)
+                return _Run(cfg, self, manager, mesh, held_out).run(restored, should_stop)
 
     def _settle_config(self) -> tuple[RunConfig, bool]:
-        """The config to run with, saved as config.yaml; and whether this is a fresh start."""
+        """The config to run with, and whether this is a fresh start; refuses a run dir that
+        has held checkpoints where it cannot resume from one. Writes nothing."""
         checkpoints = self.run_dir / "checkpoints"
         # committed steps only: a killed first save leaves a tmp dir, which is no run to resume
         has_checkpoints = checkpoints.is_dir() and any(
             p.name.isdigit() for p in checkpoints.iterdir()
         )
-        if has_checkpoints and not self.resume:
+        set_aside = ckpt.set_aside_steps(checkpoints)
+        if (has_checkpoints or set_aside) and not self.resume:
             raise RunDirError(
                 f"{checkpoints} already holds checkpoints and resuming is off (--no-resume): "
                 "pass a new --run-dir (nothing is overwritten)"
             )
+        if set_aside and not has_checkpoints and not self.restart_if_all_corrupt:
+            raise ckpt.CheckpointError(
+                f"no intact checkpoint in {checkpoints}: every one it held was set aside as "
+                f"corrupt ({', '.join(set_aside)}); {_NOTHING_CHANGED}"
+            )
         saved_file = self.run_dir / "config.yaml"
         if has_checkpoints and saved_file.is_file():
             saved = resolve(None, load_yaml(saved_file.read_text(), str(saved_file)))
-            cfg = for_resume(saved, self.cfg, str(self.run_dir))
-        else:
-            cfg = for_first_start(self.cfg)
-        if jax.process_index() == 0:  # atomically: the other processes may be reading it
+            return for_resume(saved, self.cfg, str(self.run_dir)), False
+        return for_first_start(self.cfg), not has_checkpoints
+
+    def _restore(
+        self, manager: ckpt.CheckpointManager, cfg: RunConfig, mesh: Mesh
+    ) -> tuple[TrainState, dict[str, Any]] | None:
+        """The newest intact checkpoint; None where none is and the run may start over."""
+        try:
+            return restore_state(manager, cfg, mesh)
+        except ckpt.NoIntactCheckpointError as error:
+            if not self.restart_if_all_corrupt:
+                raise ckpt.CheckpointError(f"{error}; {_NOTHING_CHANGED}") from None
+            moved = [manager.set_aside(step) for step, _ in error.corrupt]
+            if jax.process_index() == 0:
+                log.warning("%s; set aside as %s", error, ", ".join(map(str, moved)))
+            return None
+
+    def _start_over(self) -> RunConfig:
+        """A run dir whose checkpoints were all set aside trains from step 0, as asked; its
+        step log so far is kept beside the new one."""
+        steps_file = self.run_dir / "steps.jsonl"
+        if jax.process_index() == 0 and steps_file.exists():
+            kept = steps_file.with_name(f"steps-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            steps_file.rename(kept)
+        log.warning("training from step 0 (--restart-if-all-corrupt)")
+        return for_first_start(self.cfg)
+
+    def _save_config(self, cfg: RunConfig) -> None:
+        """config.yaml, by process 0, atomically: the other processes may be reading it."""
+        if jax.process_index() != 0:
+            return
+        saved_file = self.run_dir / "config.yaml"
+        try:
             saved_file.with_suffix(".yaml.tmp").write_text(to_yaml(cfg))
             saved_file.with_suffix(".yaml.tmp").replace(saved_file)
-            log.info("config (%s):\n%s", saved_file, to_yaml(cfg).rstrip())
-        return cfg, not has_checkpoints
+        except OSError as error:
+            raise RunDirError(
+                f"cannot write {saved_file}: {error.strerror}: make the run dir writable or "
+                "pass another --run-dir"
+            ) from None
+        log.info("config (%s):\n%s", saved_file, to_yaml(cfg).rstrip())
+
+
+# How a refusal to resume ends: what is left as it was, and the ways on.
+_NOTHING_CHANGED = (
+    "nothing was changed: put intact copies back, pass a new --run-dir, or rerun with "
+    "--restart-if-all-corrupt to set them aside and train from step 0"
+)
 
 
 def use_compile_cache(directory: str | os.PathLike[str]) -> None:
@@ -270,6 +328,7 @@ class _Run:
             out_shardings=state_shardings(mesh, optimizer, shapes),
         )
         self.flops_per_token = flops_per_token(cfg.model)
+        self.peak, self.peak_raised = trainer.peak, False
         self.evals: list[EvalLog] = []
         self.saving: dict[int, float] = {}  # saves started and not yet reported: blocking time
         self.last_saved: int | None = manager.latest_step()
@@ -282,13 +341,18 @@ class _Run:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run(self, fresh: bool, should_stop: Callable[[], bool]) -> RunResult:
+    def run(
+        self,
+        restored: tuple[TrainState, dict[str, Any]] | None,
+        should_stop: Callable[[], bool],
+    ) -> RunResult:
         cfg, started = self.cfg, time.perf_counter()
         writer = jax.process_index() == 0
-        if fresh:
+        fresh = restored is None
+        if restored is None:
             state, position = self.init(), None
         else:
-            state, position = restore_state(self.manager, cfg, self.mesh)
+            state, position = restored
             log.info("resumed from step %d in %s", int(state.step), self.manager.directory)
         self.start_step = step = int(state.step)
         status: Status = "completed"
@@ -420,17 +484,34 @@ class _Run:
             return
         metrics = jax.device_get(pending.metrics)
         now = time.perf_counter()
+        flops, seconds = self.flops_per_token * pending.tokens, now - self.last_done
+        mfu = None
+        if self.peak is not None:
+            mfu, peak = utilization(flops, seconds, self.peak)
+            if peak != self.peak and not self.peak_raised:  # said once; it may rise again
+                log.warning(
+                    "step %d ran at %s GFLOP/s, above the %s GFLOP/s peak MFU was against "
+                    "(%s): the peak is raised to what steps achieve",
+                    pending.step,
+                    f"{flops / seconds / 1e9:,.0f}",
+                    f"{self.peak.flops_per_second / 1e9:,.0f}",
+                    self.peak.source,
+                )
+            self.peak_raised |= peak != self.peak
+            self.peak = peak
         entry = StepLog(
             step=pending.step,
             loss=float(metrics.loss),
             learning_rate=float(metrics.learning_rate),
             grad_norm=float(metrics.grad_norm),
             tokens=pending.tokens,
-            step_seconds=now - self.last_done,
+            step_seconds=seconds,
             data_wait_seconds=pending.data_wait,
-            flops=self.flops_per_token * pending.tokens,
+            flops=flops,
             skipped=not bool(metrics.finite),
             nonfinite_in_row=int(metrics.nonfinite_in_row),
+            mfu=mfu,
+            peak_flops=None if self.peak is None else self.peak.flops_per_second,
         )
         self.last_done = now
         self.tokens += entry.tokens

@@ -2,7 +2,7 @@
 # The images, end to end, as a user runs them: Pants builds them (through podman's Docker API),
 # then the CPU trainer image trains tiny as its own non-root user on a read-only root
 # filesystem, writing checkpoints to a mounted folder; a second container resumes from them; a
-# third is stopped with SIGTERM (what Kubernetes sends) and must checkpoint and exit 0.
+# third is stopped with SIGTERM (what Kubernetes sends) and must checkpoint and exit 143.
 # Needs a container engine: build-support/install-container-tools.sh (run here).
 set -euo pipefail
 cd "$(dirname "$0")/.."

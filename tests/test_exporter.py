@@ -77,6 +77,7 @@ def test_generate_runs_each_artifact(
     text = capsys.readouterr().out.rstrip("\n")
     assert text.startswith("The ") and len(text.encode()) >= 4 + 4  # bytes may merge into chars
     assert exporter(["generate", *args, "--temperature", "0.8", "--top-k", "40"]) == 0
+    assert exporter(["generate", *args, "--temperature", "0.8", "--top-p", "0.9"]) == 0
 
 
 def expect_error(

@@ -2,7 +2,7 @@
 batch the dry-run planner fits in device memory, with MFU against the device's bf16 dense peak.
 
 Run on one H200 (medium, bfloat16, cuDNN attention, remat none / full / dots_saveable; a few
-minutes; issue 14's target is MFU >= 0.45):
+minutes; the target is MFU >= 0.45 against the H200's bf16 dense peak):
 
     ./pants run benchmarks/gpu:gpu-cuda12 -- --out gpu.json
 
@@ -43,7 +43,7 @@ from rtdlm.train.sharding import device_memory as planned_memory
 from rtdlm_benchmarks.suite import BATCH, batches, lower_step, machine, run_config, table
 
 GIB = 2**30
-TARGET_MFU = 0.45  # issue 14, against the H200's bf16 dense peak
+TARGET_MFU = 0.45  # against the H200's bf16 dense peak
 
 
 def base_config(preset: str, dtype: str, attention: str, steps: int) -> RunConfig:

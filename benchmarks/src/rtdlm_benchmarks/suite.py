@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from rtdlm.ckpt import CheckpointManager
-from rtdlm.metrics import measure_peak, utilization
+from rtdlm.metrics import best_seconds, measure_matmul_flops, measure_peak, utilization
 from rtdlm.model import build, build_with_stats, flops_per_token, generate
 from rtdlm.train import Batch, host, resolve
 from rtdlm.train.config import RunConfig, for_first_start
@@ -47,25 +47,6 @@ BATCH = {"tiny": (16, 256), "small": (4, 1024), "medium": (1, 2048), "large": (1
 DTYPES = ("float32", "bfloat16")
 
 
-def best_seconds(fn: Any, *args: Any, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def matmul_probe(
-    dtype: str = "float32", out: str = "float32", n: int = 1024, repeats: int = 2
-) -> float:
-    """FLOP/s of an n x n dot with `dtype` inputs and an `out` result."""
-    a = jnp.ones((n, n), dtype)
-    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.dtype(out)))
-    return 2.0 * n**3 / best_seconds(dot, a, a, repeats=repeats)
-
-
 def matmul_ceilings(rounds: int) -> dict[str, float]:
     """GFLOP/s of 2048 x 2048 dots, the three forms alternated round by round (medians)."""
     forms = {"float32": ("float32", "float32"), "bf16->f32": ("bfloat16", "float32")}
@@ -73,7 +54,7 @@ def matmul_ceilings(rounds: int) -> dict[str, float]:
     seen: dict[str, list[float]] = {name: [] for name in forms}
     for _ in range(rounds):
         for name, (dtype, out) in forms.items():
-            seen[name].append(matmul_probe(dtype, out, n=2048, repeats=3) / 1e9)
+            seen[name].append(measure_matmul_flops(2048, 3, dtype, out) / 1e9)
     return {name: statistics.median(values) for name, values in seen.items()}
 
 

@@ -111,7 +111,7 @@ def main() -> None:
                 manager.restore(params=params, opt_state=opt_state, verify=False)
                 unverified_s = time.perf_counter() - start
             # The restores read what the save left in the page cache, while fsync'ed plain files
-            # can come back from the disk (0.39 GB/s here, 4 GB/s cached): read them once first.
+            # can come back from the disk, far slower than from cache: read them once first.
             raw_read(leaves, raw_dir)
             read_s = raw_read(leaves, raw_dir)
             stored = sum(f.stat().st_size for f in ckpt_dir.rglob("*") if f.is_file())

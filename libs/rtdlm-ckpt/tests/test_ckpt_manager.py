@@ -463,3 +463,9 @@ def test_the_best_checkpoint_survives_retention_and_restores_by_name(tmp_path: P
         CheckpointError, match=r"has the metric 'eval_loss'.*one of steps \[1, 2, 3\]"
     ):
         restore_params(tmp_path / "acc", step="best")  # by default: the lowest eval_loss
+
+
+def test_restore_latest_waits_for_the_save_in_flight(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path) as manager:
+        manager.save(1, params=model_params(1))
+        assert manager.restore_latest(params=model_params()).step == 1

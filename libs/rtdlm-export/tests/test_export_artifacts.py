@@ -25,7 +25,7 @@ from rtdlm.export.artifact import (
 )
 from rtdlm.export.onnx_runtime import OnnxModel
 from rtdlm.export.quantize import quantize
-from rtdlm.model import ModelConfig, build, build_decoder, init_cache
+from rtdlm.model import ModelConfig, build, build_decoder, generate, init_cache
 
 CFG = ModelConfig(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=64, vocab_size=96)
 BYTES = TokenizerSpec({"kind": "bytes"})
@@ -168,6 +168,15 @@ def test_onnx_matches_the_model_and_generates_the_same_tokens(
         onnx_logits, onnx_cache = model.step(np.asarray(token), onnx_cache)
         np.testing.assert_allclose(onnx_logits, logits, atol=1e-4)
     assert onnx_cache[0].shape == (3, cfg.num_kv_heads, 11, cfg.head_dim)
+
+    # Sampling is rtdlm.model's own, keyed alike: the same seed gives the same tokens.
+    prompt = tokens[:, :4]
+    for temperature, top_k, top_p in ((0.8, 40, 1.0), (1.0, None, 0.9)):
+        cut = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        key = jax.random.PRNGKey(3)
+        ours = generate(trained.params, jnp.asarray(prompt), key, cfg=cfg, max_new_tokens=12, **cut)
+        theirs = model.generate(prompt, 12, temperature, top_k, top_p, seed=3)
+        np.testing.assert_array_equal(theirs, ours.tokens)
 
     # Each weight is stored once for both graphs, in the shared external data file.
     params_bytes = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(trained.params))

@@ -3,7 +3,8 @@
 Run: ./pants run libs/rtdlm-model/benchmarks:bench -- [--presets small medium] [--scan both]
 
 Machine speed drifts between runs (and on a shared machine, within one), so the variants of
-a preset are timed in alternation, A B A B ..., each step beside a float32 matmul probe. The
+a preset are timed in alternation, A B A B ..., each step beside the trainer's float32 matmul
+probe (rtdlm.metrics.measure_matmul_flops). The
 numbers to compare are medians: tokens/s, its ratio to the probe's speed, and the ratio
 scan/loop taken within each round.
 """
@@ -20,31 +21,10 @@ from typing import NamedTuple
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import optax
 
+from rtdlm.metrics import best_seconds, measure_matmul_flops
 from rtdlm.model import ModelConfig, build, flops_per_token, param_count, preset, stack_layers
-
-
-def seconds(fn: Callable[[], jax.Array], repeats: int) -> float:
-    """Best wall time of `repeats` calls (already compiled), each waited for."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-Probe = tuple[Callable[[], jax.Array], float]  # a compiled matmul and its FLOPs
-
-
-def matmul_probe(n: int = 1024) -> Probe:
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)  # operands as arguments: a closed-over product is constant-folded
-    jax.block_until_ready(matmul(a, b))
-    return lambda: matmul(a, b), 2.0 * n**3
 
 
 class Step(NamedTuple):
@@ -81,7 +61,7 @@ def model_step(cfg: ModelConfig, params: hk.Params, tokens: jax.Array) -> Step:
 
 
 def bench_preset(
-    base: ModelConfig, name: str, variants: list[bool], batch: int, steps: int, probe: Probe
+    base: ModelConfig, name: str, variants: list[bool], batch: int, steps: int
 ) -> None:
     tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, base.seq_len + 1), 0, 256)
     init = jax.jit(build(base).init)
@@ -109,8 +89,8 @@ def bench_preset(
     of_probe: dict[bool, list[float]] = {scan: [] for scan in variants}
     for _ in range(steps):  # A B A B ...: each variant's step right after its own probe
         for scan in variants:
-            probe_rate = probe[1] / seconds(probe[0], 3)
-            step_seconds = seconds(compiled[scan].run, 1)
+            probe_rate = measure_matmul_flops(1024, repeats=3)
+            step_seconds = best_seconds(compiled[scan].run, repeats=1, warm=False)
             rates[scan].append(n_tokens / step_seconds)
             of_probe[scan].append(step_flops / step_seconds / probe_rate)
     print("variant  trace s  compile s  temp GB  tokens/s  model/matmul  (per step tokens/s)")
@@ -155,12 +135,12 @@ def main() -> None:
     args = parser.parse_args()
     variants = {"both": [False, True], "on": [True], "off": [False]}[args.scan]
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)")
-    probe = matmul_probe()  # also starts the backend before anything is timed
+    measure_matmul_flops(1024, repeats=1)  # starts the backend before anything is timed
     for name in args.presets:
         cfg = preset(name, vocab_size=256, remat=args.remat)
         cfg = dataclasses.replace(cfg, seq_len=args.seq_len or cfg.seq_len)
         batch = args.batch_size or max(1, 2048 // cfg.seq_len)
-        bench_preset(cfg, name, variants, batch, args.steps, probe)
+        bench_preset(cfg, name, variants, batch, args.steps)
 
 
 if __name__ == "__main__":

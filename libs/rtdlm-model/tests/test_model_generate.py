@@ -88,6 +88,19 @@ def test_top_k_never_samples_outside_the_top_k() -> None:
         assert (tokens[:, None] == allowed).any(axis=1).all()
 
 
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p() -> None:
+    """Probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.6 keeps the first two (0.5 < 0.6 before the
+    second, 0.8 >= 0.6 before the third), renormalised to 5:3; top_p=0.9 keeps three."""
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.asarray(np.log(np.tile(probs, (4000, 1))), jnp.float32)
+    for top_p, kept in ((0.6, 2), (0.9, 3)):
+        tokens = np.asarray(sample(logits, jax.random.PRNGKey(7), 1.0, None, top_p))
+        counts = np.bincount(tokens, minlength=4)
+        assert counts[kept:].sum() == 0 and (counts[:kept] > 0).all()
+        expected = probs[:kept] / probs[:kept].sum() * len(tokens)
+        assert np.abs(counts[:kept] - expected).max() < 0.05 * len(tokens), counts
+
+
 def test_too_long_a_request_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="exceeds the model's seq_len"):
         generate(PARAMS, TOKENS[:, :4], jax.random.PRNGKey(0), cfg=CFG, max_new_tokens=30)

@@ -72,7 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--prompt", required=True)
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    run.add_argument("--top-k", type=int, default=None)
+    run.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    run.add_argument(
+        "--top-p", type=float, default=1.0, help="sample within the top p of probability mass"
+    )
     run.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -162,7 +165,7 @@ def run(args: argparse.Namespace) -> None:
 
         def continuation(prompt: np.ndarray) -> np.ndarray:
             return model.generate(
-                prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
+                prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
             )
 
     else:
@@ -178,6 +181,7 @@ def run(args: argparse.Namespace) -> None:
                 max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature,
                 top_k=args.top_k,
+                top_p=args.top_p,
             ).tokens
 
     tokenizer = from_index({"tokenizer": manifest.get("tokenizer")}, args.model)

@@ -1,17 +1,17 @@
 """Reads a checkpoint's arrays without orbax's per-array machinery.
 
-orbax's PyTree restore spends about 1 ms of Python per array (event loops, thread pools,
-metadata trees, a device_put each): tiny's train state, 116 arrays in 42 MB, restored from
-the page cache in 0.11 s where plain reads of the same bytes took 0.012 s. Opening each array
-through tensorstore's zarr driver still cost about 0.15 ms an array. So where an item is a
-local OCDBT database of uncompressed zarr v2 chunks (what rtdlm-ckpt writes), its keys are
-listed from the database's B-tree (`ts.ocdbt.dump`) and its files are read with plain preads,
-a file at a time on each core, each chunk straight into 64-byte aligned memory that XLA:CPU
-adopts without a copy. A file read whole is handed on as it is read, so the manifest check
-hashes its bytes while they are still in cache instead of reading the file again. Other
-layouts (remote storage, compressed or zarr3 arrays) are opened and read through tensorstore,
-all arrays in one batch. On a GPU each shard is then copied to its device, so reads go in
-groups of at most `IN_FLIGHT` host bytes, orbax's cap. Saving stays with orbax.
+orbax's PyTree restore runs Python for every array (event loops, thread pools, metadata
+trees, a device_put each), which for a train state of many small arrays costs far more than
+plain reads of the same bytes; opening each array through tensorstore's zarr driver still has
+a fixed cost per array. So where an item is a local OCDBT database of uncompressed zarr v2
+chunks (what rtdlm-ckpt writes), its keys are listed from the database's B-tree
+(`ts.ocdbt.dump`) and its files are read with plain preads, a file at a time on each core,
+each chunk straight into 64-byte aligned memory that XLA:CPU adopts without a copy. A file
+read whole is handed on as it is read, so the manifest check hashes its bytes while they are
+still in cache instead of reading the file again. Other layouts (remote storage, compressed or
+zarr3 arrays) are opened and read through tensorstore, all arrays in one batch. On a GPU each
+shard is then copied to its device, so reads go in groups of at most `IN_FLIGHT` host bytes,
+orbax's cap. Saving stays with orbax.
 """
 
 from __future__ import annotations

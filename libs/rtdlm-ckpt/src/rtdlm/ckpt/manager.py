@@ -365,7 +365,7 @@ class CheckpointManager:
         self._git_revision: str | None = None
         self._versions: dict[str, str] | None = None
         # orbax's default step directories, kept so steps() can list them without orbax's
-        # reload, which also reads every step's metrics on new threads (3 ms for one step).
+        # reload, which also starts new threads to read every step's metrics, even for one step.
         self._step_names = ocp.path.step.standard_name_format()
         with quiet.read_only_notices() if read_only else contextlib.nullcontext():
             options = ocp.CheckpointManagerOptions(
@@ -745,7 +745,7 @@ class CheckpointManager:
     ) -> dict[str, Any]:
         step_dir = self.directory / str(step)
         try:
-            # Each document by the handler: orbax's manager.restore took 2 ms for three.
+            # Each document by the handler, skipping the overhead of orbax's manager.restore.
             documents = ocp.JsonCheckpointHandler()
             restored = {
                 item: documents.restore(step_dir / item) for item in items if item in _JSON_ITEMS
@@ -776,6 +776,7 @@ class CheckpointManager:
         deleted) and reported in one warning; where none is intact, nothing is renamed and
         NoIntactCheckpointError names each step's problem, the same on every retry."""
         _check_readable(self.directory)
+        self.wait()  # a save in flight from this manager counts once it commits
         corrupt: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             try:
@@ -821,16 +822,16 @@ def set_aside_steps(directory: str | os.PathLike[str]) -> list[str]:
     return sorted(aside, key=lambda name: (int(name.split(".")[0]), name))
 
 
-_CHECKED_AFTER = 2**20  # bytes the check may hash itself after the reads: about 0.1 ms
+_CHECKED_AFTER = 2**20  # bytes the check may hash itself after the reads: a negligible wait
 
 
 class _Check:
     """One restore's manifest check. Files the reads cover whole are hashed by the reading
     threads from the bytes just read, and where the rest is metadata-sized (at most a
-    sixteenth of the bytes, or 1 MiB) it is checked after the reads: beside them it cost tiny
-    4 ms of contention for 1 ms of work. Where the check has more to read itself (tensorstore's
-    layouts, files read in part, other processes' files), it reads every file on its own
-    thread beside the reads."""
+    sixteenth of the bytes, or 1 MiB) it is checked after the reads: beside them, its
+    contention with the reads cost more than its own work. Where the check has more to read
+    itself (tensorstore's layouts, files read in part, other processes' files), it reads every
+    file on its own thread beside the reads."""
 
     def __init__(self, pool: ThreadPoolExecutor, step_dir: epath.Path, items: list[str]):
         self._pool, self._step_dir, self._items = pool, step_dir, items

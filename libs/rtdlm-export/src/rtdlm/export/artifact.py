@@ -55,7 +55,7 @@ class TokenizerSpec:
 @dataclass(frozen=True)
 class Trained:
     """A checkpoint's model, ready to export: its config set up for inference (float32 compute,
-    XLA attention, no remat), float32 parameters, and where they came from."""
+    blocked attention, no remat), float32 parameters, and where they came from."""
 
     cfg: ModelConfig
     params: Params

@@ -7,11 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import onnxruntime as ort
 
 from rtdlm.export.artifact import ExportError, model_config, read_artifact
-from rtdlm.model import ModelConfig
+from rtdlm.model import ModelConfig, sample
 
 KIND = "onnx"
 GRAPHS = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
@@ -25,21 +27,6 @@ def check_context(seq_len: int, prompt_len: int, new_tokens: int) -> None:
             f"the prompt ({prompt_len} tokens) plus {new_tokens} new tokens exceeds the model's "
             f"context of {seq_len} tokens: shorten the prompt or ask for fewer tokens"
         )
-
-
-def pick(
-    logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator
-) -> np.ndarray:
-    """One token per row of logits [batch, vocab]: argmax at temperature 0, else sampled."""
-    if temperature == 0.0:
-        return logits.argmax(axis=-1)
-    scores = logits.astype(np.float64) / temperature
-    if top_k is not None:
-        kth = np.sort(scores, axis=-1)[:, -top_k][:, None]
-        scores = np.where(scores < kth, -np.inf, scores)
-    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(row), p=row) for row in probs])
 
 
 class OnnxModel:
@@ -98,16 +85,20 @@ class OnnxModel:
         new_tokens: int,
         temperature: float = 0.0,
         top_k: int | None = None,
+        top_p: float = 1.0,
         seed: int = 0,
     ) -> np.ndarray:
         """Continues each row of prompt [batch, prompt_len] by new_tokens tokens: prefill once,
-        then one decode step per token with the cache."""
+        then one decode step per token with the cache. Tokens are chosen by rtdlm.model.sample,
+        the JAX model's own sampling, with its key split the same way each step."""
         check_context(self.cfg.seq_len, prompt.shape[1], new_tokens)
-        rng = np.random.default_rng(seed)
+        key = jax.random.PRNGKey(seed)
         logits, cache = self.prefill(prompt)
         tokens = []
         for _ in range(new_tokens):
-            token = pick(logits[:, -1], temperature, top_k, rng)
+            key, step_key = jax.random.split(key)
+            chosen = sample(jnp.asarray(logits[:, -1]), step_key, temperature, top_k, top_p)
+            token = np.asarray(chosen).astype(np.int64)
             tokens.append(token)
             if len(tokens) < new_tokens:
                 logits, cache = self.step(token[:, None], cache)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,9 @@ PEAK_BF16_FLOPS = {
 # the dot kernel XLA picks, and the model's own dots may beat any one of them.
 PROBE_SIZES = (512, 1024, 2048)
 
+# A raised peak's source: this, then the source of the peak first given.
+RAISED = "raised to what a step achieved, above "
+
 
 @dataclass(frozen=True)
 class Peak:
@@ -42,22 +47,34 @@ def peak_from_table(device_kind: str) -> Peak | None:
     return None
 
 
-# One jitted function, so probes compile once per shape and dtype.
-_matmul = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
-
-
-def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
-    """Best FLOP/s of an n x n matmul on the default device: `dtype` inputs accumulating in
-    float32, the way the model's matmuls are written."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-    jax.block_until_ready(_matmul(a, b))
+def best_seconds(fn: Callable[..., Any], *args: Any, repeats: int, warm: bool = True) -> float:
+    """The best wall time of `repeats` calls of `fn(*args)`, each waited for (a busy machine
+    only ever adds time), after one untimed call that compiles it unless `warm` is False."""
+    if warm:
+        jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(_matmul(a, b))
+        jax.block_until_ready(fn(*args))
         best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best
+    return best
+
+
+@functools.cache
+def _matmul(out: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """One jitted dot per result dtype, so probes compile once per shape and dtype. The operands
+    are arguments: a product of closed-over constants would be folded at compile time."""
+    return jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.dtype(out)))
+
+
+def measure_matmul_flops(
+    n: int = 1024, repeats: int = 5, dtype: str = "float32", out: str = "float32"
+) -> float:
+    """Best FLOP/s of an n x n matmul on the default device: `dtype` inputs with an `out`
+    result (float32 by default: the way the model's matmuls are written)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+    return 2.0 * n**3 / best_seconds(_matmul(out), a, b, repeats=repeats)
 
 
 def probe_forms(dtype: str) -> tuple[str, ...]:
@@ -106,14 +123,3 @@ def utilization(flops: float, seconds: float, peak: Peak) -> tuple[float, Peak]:
         return achieved / peak.flops_per_second, peak
     first = peak.source.split(RAISED, 1)[-1]
     return 1.0, Peak(achieved, f"{RAISED}{first}")
-
-
-RAISED = "raised to what a step achieved, above "
-
-
-RAISED = "raised to what a step achieved, above "
-
-
-def model_flops_utilization(flops: float, seconds: float, peak: float) -> float:
-    """`utilization` against a bare FLOP/s figure, capped at 1."""
-    return utilization(flops, seconds, Peak(peak, "given"))[0] if peak > 0 else 0.0

@@ -7,8 +7,8 @@ the int8 values (converted to the compute dtype) and the scale multiplies its sm
 The same modules run either way; the dtype of the parameter handed to `apply` decides.
 
 In bfloat16 compute every matrix product, forward and backward, reads bfloat16 and accumulates
-in float32 (`dot`): that is the form XLA hands to the CPU's bf16 dot instructions (about 3x a
-float32 dot here), where a bf16 -> bf16 dot, or autodiff's float32 gradient dots, run slower.
+in float32 (`dot`): that is the form XLA hands to the CPU's bf16 dot instructions (faster
+than a float32 dot), where a bf16 -> bf16 dot, or autodiff's float32 gradient dots, run slower.
 The weight gradient is written out too, in the form the CPU's fast kernels take (`_weight_grad`).
 """
 
@@ -35,8 +35,8 @@ def _transposed(a: jax.Array) -> jax.Array:
 
     XLA folds a plain 2-D transpose into the dot that reads it, and a dot that contracts both
     operands' major axis runs on XLA:CPU's slow generic kernel (bfloat16 operands converted to
-    float32 first: ~150 GFLOP/s here against ~1,000 for the same product on YNNPACK). Through a
-    3-D view the transpose stays a transpose, and the dot that reads it stays on YNNPACK.
+    float32 first, far slower than the same product on YNNPACK). Through a 3-D view the
+    transpose stays a transpose, and the dot that reads it stays on YNNPACK.
     """
     rows = a.reshape(-1, a.shape[-1])
     split = math.gcd(rows.shape[0], 16)
@@ -45,8 +45,8 @@ def _transposed(a: jax.Array) -> jax.Array:
 
 def _weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
     """x.T @ g over every leading axis, accumulated in float32, with the smaller of x and g
-    transposed (`_transposed`) on CPUs: a tiny bfloat16 step ran 1.44x faster, float32 1.02x.
-    GPU dots take any operand layout."""
+    transposed (`_transposed`) on CPUs, so that the dot runs on the fast kernels (which
+    matters most in bfloat16). GPU dots take any operand layout."""
     rows, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
     if jax.default_backend() != "cpu":
         return _dot_f32(rows, g, (0, 0))
@@ -163,8 +163,8 @@ def swiglu(x: jax.Array, size: int) -> jax.Array:
 
     The product and its gradient are one pass each over the float32 output of the joint
     gate/up matmul, converted to x's dtype once: XLA:CPU's bfloat16 elementwise arithmetic
-    runs about 3x slower than float32 here, and autodiff split it into several passes (a tiny
-    step 1.07-1.09x in bfloat16 and 1.12x in float32; float32 losses agree to 1e-6)."""
+    runs slower than float32, and autodiff split it into several passes (float32 losses
+    agree to 1e-6)."""
     weights = _weights(x, [("gate", size), ("up", size)])
     if weights[0][1] is None and weights[0][0].dtype == x.dtype:
         return _gated_dot(x, jnp.concatenate([w for w, _ in weights], axis=1))

@@ -1,5 +1,7 @@
 """A decoder-only transformer in Haiku: pre-norm RMSNorm blocks, rotary positions,
-grouped-query attention and a SwiGLU MLP, small enough to read on one screen.
+grouped-query attention and a SwiGLU MLP. The model reads top-down in `transformer`, `block`,
+`causal_self_attention` and `swiglu_mlp`; the rest is hand-written gradients, the KV cache and
+the layer scan.
 
 Parameters are created and stored in float32; they are cast to `compute_dtype` where they are
 read, and the logits come back in float32 (mixed precision without global policy state).
@@ -64,8 +66,8 @@ _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 def rms_norm(x: jax.Array, cfg: ModelConfig, name: str) -> jax.Array:
     """RMSNorm computed in float32 whatever the compute dtype, for stability: hk.RMSNorm's
     parameter and arithmetic, with the gradient written out. Under autodiff XLA:CPU summed the
-    scale's gradient as a slow tree of windowed reductions; as a dot against ones it measured
-    1.02-1.1x on a tiny bf16 step (float32 losses bit for bit the same)."""
+    scale's gradient as a slow tree of windowed reductions; a dot against ones is one pass
+    instead (float32 losses bit for bit the same)."""
     scale = hk.to_module(lambda: hk.get_parameter("scale", [x.shape[-1]], init=jnp.ones))(
         name=name
     )()
@@ -86,8 +88,8 @@ def rotary_angles(
     With `table_size` (positions known to lie in 0 .. table_size - 1, as in training), they are
     looked up in a table of every position: XLA:CPU fuses cos and sin into each rotation that
     reads them (every head, forward and backward) instead of computing them once, while the
-    table is a compile-time constant and each rotation only gathers from it (a tiny step ran
-    7% faster, bit for bit the same loss)."""
+    table is a compile-time constant and each rotation only gathers from it (bit for bit the
+    same loss)."""
     half = head_dim // 2
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
     if table_size is None:
@@ -110,8 +112,8 @@ def apply_rotary(x: jax.Array, rotary: Rotary) -> jax.Array:
     """Rotates feature pairs of x [batch, time, heads, head_dim] by position-dependent angles.
 
     A rotation's gradient is the inverse rotation, one pass in x's dtype; autodiff's went
-    through float32 copies of every head, fused with the attention's transposes (a tiny bf16
-    step: 1.10-1.12x; float32 losses bit for bit the same)."""
+    through float32 copies of every head, fused with the attention's transposes (float32
+    losses bit for bit the same)."""
     return _rotate(x, *rotary)
 
 

@@ -1,5 +1,8 @@
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -37,3 +40,23 @@ def tool() -> Callable[[str], str]:
         )
 
     return find
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_trainer(*args: str, stderr: int = subprocess.PIPE) -> subprocess.Popen:
+    """The trainer app as its own process (what signals, locks and multi-host runs need), on
+    this test's sys.path and on the CPU; `stderr=subprocess.STDOUT` merges the two streams."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "rtdlm_trainer.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env=env,
+    )

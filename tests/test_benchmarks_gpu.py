@@ -22,7 +22,7 @@ def test_the_gpu_benchmark_runs_on_cpu_with_real_numbers(
     main([*args, "--out", str(out)])
     results = json.loads(out.read_text())
     assert results["errors"] == []
-    assert results["peak"]["source"] == "measured: 1024x1024 float32 matmul"  # no table peak
+    assert results["peak"]["source"].startswith("measured: best float32 ")  # no table peak
     assert results["peak"]["TFLOP/s"] > 0
     runs = {run["remat"]: run for run in results["runs"]}
     assert list(runs) == ["none", "full"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Any, ClassVar
 
 import pytest
 import yaml
+from conftest import free_port
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -42,12 +42,6 @@ from rtdlm.train.data import split_documents, stdlib_documents
 MONITORING = Path("infra/monitoring")
 pytestmark = pytest.mark.slow
 PEAK_FLOPS = 1e11  # any value: MFU is against the higher of this and the fastest step so far
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get_json(url: str) -> Any:

@@ -4,17 +4,15 @@ jax.distributed, gradients all-reduced over gloo. No simulated communication."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, start_trainer
 
-import rtdlm_trainer.main  # what the subprocesses run
+import rtdlm_trainer.main  # noqa: F401 # what the subprocesses run: Pants puts it in the sandbox
 
 pytestmark = pytest.mark.slow
 
@@ -23,34 +21,12 @@ RUN += ["--set", "model.num_layers=1", "--sample-tokens", "0", "--eval-every", "
 RUN += ["--set", "model.compute_dtype=float32"]  # curves compared at float32 tolerances
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(run_dir: Path, *args: str, process: int | None = None, port: int = 0) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
     hosts = []
     if process is not None:
         hosts = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
         hosts += ["--process-id", str(process)]
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            rtdlm_trainer.main.__name__,
-            *RUN,
-            "--run-dir",
-            str(run_dir),
-            *args,
-            *hosts,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    return start_trainer(*RUN, "--run-dir", str(run_dir), *args, *hosts)
 
 
 def pair(run_dir: Path, *args: str) -> list[subprocess.Popen]:

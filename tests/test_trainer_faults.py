@@ -4,33 +4,22 @@ trainers on one run directory, a run directory that is a file or read-only."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import missing_tool, start_trainer
 
 from rtdlm_trainer.main import main as trainer
 
 pytestmark = pytest.mark.slow
+REQUIRED = "RTDLM_REQUIRE_MOUNTS"  # set by CI, which runs as root: a mount that fails fails
 
 FAST = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--metrics-port", "0"]
 FAST += ["--set", "model.num_layers=1", "--set", "model.d_model=64", "--sample-tokens", "0"]
-
-
-def start(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "rtdlm_trainer.main", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
 
 
 def read(path: Path) -> str:
@@ -41,7 +30,7 @@ def test_a_second_trainer_on_a_run_dir_in_use_exits_2_naming_the_holder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = tmp_path / "run"
-    first = start(*FAST, "--max-steps", "100000", "--run-dir", str(run_dir))
+    first = start_trainer(*FAST, "--max-steps", "100000", "--run-dir", str(run_dir))
     try:
         deadline = time.monotonic() + 300
         while str(first.pid) not in read(run_dir / ".lock"):  # it holds the lock, and says so
@@ -77,7 +66,7 @@ def read_only(path: Path) -> Iterator[None]:
     """`path` bind-mounted read-only over itself (mount -o remount,ro, without the disk)."""
     done = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
     if done.returncode != 0:
-        pytest.skip(f"needs root to bind-mount: {done.stderr.decode().strip()}")
+        missing_tool(f"needs root to bind-mount: {done.stderr.decode().strip()}", REQUIRED)
     try:
         subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
         yield
@@ -112,7 +101,7 @@ def test_a_read_only_run_dir_is_one_line_before_any_step(
 
     before = files()
     with read_only(run_dir / where):
-        process = start(*command, "--max-steps", "4")
+        process = start_trainer(*command, "--max-steps", "4")
         out, err = process.communicate(timeout=600)
     assert process.returncode == 2, out + err
     assert err == f"trainer: error: {message.format(run_dir=run_dir)}\n"
@@ -129,7 +118,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
     )
     if done.returncode != 0:
-        pytest.skip(f"needs root to mount a tmpfs: {done.stderr.decode().strip()}")
+        missing_tool(f"needs root to mount a tmpfs: {done.stderr.decode().strip()}", REQUIRED)
     try:
         yield mount
     finally:
@@ -161,7 +150,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(
     subprocess.run(["mount", "--bind", str(small_disk), str(run_dir / "checkpoints")], check=True)
     try:
         resize(small_disk, int(size * 1.5))
-        process = start(*command)
+        process = start_trainer(*command)
         out, err = process.communicate(timeout=600)
         assert process.returncode == 1, out + err
         lines = err.strip().splitlines()
@@ -175,7 +164,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2"]
 
         resize(small_disk, size * 8)
-        again = start(*command)
+        again = start_trainer(*command)
         out, err = again.communicate(timeout=600)
         assert again.returncode == 0, out + err
         assert "resumed from step 2" in out and "done: 6 steps (4 this run" in out

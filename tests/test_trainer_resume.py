@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import start_trainer
 
 from rtdlm.ckpt import restore_params
 from rtdlm_trainer.main import main as trainer
@@ -25,14 +24,7 @@ SMALL += ["--set", "model.num_layers=1", "--sample-tokens", "0"]
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "rtdlm_trainer.main", *SMALL, "--run-dir", str(run_dir), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    return start_trainer(*SMALL, "--run-dir", str(run_dir), *extra, stderr=subprocess.STDOUT)
 
 
 def run_until(process: subprocess.Popen, line_start: str) -> str:

@@ -47,16 +47,27 @@ def score(entry: tuple, retention: Retention) -> float | None:
 def test_each_rule_keeps_what_it_promises_and_nothing_else_survives(
     history: list, retention: Retention
 ) -> None:
-    kept = retained_steps(history, retention)
-    steps = [step for step, _ in history]
-    latest = set(steps[-retention.keep_last :])
-    periodic = {s for s in steps if retention.keep_every and s % retention.keep_every == 0}
-    scored = sorted(
-        (sc, -step) for step, m in history if (sc := score((step, m), retention)) is not None
-    )
-    best = {-neg for _, neg in scored[: retention.keep_best]}
-    assert kept == latest | periodic | best
-    assert max(steps) in kept
+    """The rules as stated, step by step: a step is kept when fewer than keep_last steps came
+    after it, or keep_every divides it, or it has the metric and fewer than keep_best steps beat
+    it (a better score, or the same score and later)."""
+    by_step = dict(history)
+
+    def beats(other: int, step: int) -> bool:
+        mine = score((step, by_step[step]), retention)
+        theirs = score((other, by_step[other]), retention)
+        if mine is None or theirs is None:
+            return False
+        return theirs < mine or (theirs == mine and other > step)
+
+    def kept_by_the_rules(step: int) -> bool:
+        later = sum(other > step for other in by_step)
+        periodic = retention.keep_every is not None and step % retention.keep_every == 0
+        scored = score((step, by_step[step]), retention) is not None
+        beaten = sum(beats(other, step) for other in by_step if other != step)
+        return later < retention.keep_last or periodic or (scored and beaten < retention.keep_best)
+
+    assert retained_steps(history, retention) == {s for s in by_step if kept_by_the_rules(s)}
+    assert max(by_step) in retained_steps(history, retention)
 
 
 @given(histories(), retentions)

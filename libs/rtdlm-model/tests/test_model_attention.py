@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtdlm.model import ModelConfig, build
-from rtdlm.model.attention import blocked_causal_attention, dense_causal_attention
+from rtdlm.model.attention import blocked_causal_attention
 from rtdlm.model.linear import dot
 
 SMALL = ModelConfig(
@@ -33,6 +33,20 @@ def packed_segments(rng: np.random.Generator, batch: int, time: int) -> np.ndarr
 
 
 Attention = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def dense_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array
+) -> jax.Array:
+    """The reference, written out: softmax(q k^T / sqrt(d)) v over the keys at or before each
+    query and in its document; query heads h*G .. h*G+G-1 share kv head h."""
+    group, time = q.shape[2] // k.shape[2], q.shape[1]
+    k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    causal = np.tril(np.ones((time, time), bool))
+    same_document = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    scores = jnp.where(causal & same_document, scores, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
 
 
 def qkv(

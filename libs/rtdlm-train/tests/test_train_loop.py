@@ -146,6 +146,29 @@ def test_after_a_skipped_step_the_reported_rate_is_the_one_optax_applies() -> No
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("scale", [10.0, 0.5])  # a gradient norm 10x the limit, and half of it
+def test_gradients_are_clipped_to_the_global_norm_before_adam(scale: float) -> None:
+    """Adam's first moment after one update is (1 - b1) times the gradient it was given: that
+    gradient has global norm clip_norm when the raw one was larger, and is the raw one when not."""
+    cfg = config("optimizer.clip_norm=0.25")
+    model = build_with_stats(cfg.model)
+    optimizer = make_optimizer(cfg.optimizer)
+    params = init_state(model, optimizer, cfg).params
+    raw = jax.tree.map(lambda p: jnp.ones_like(p) * np.arange(p.size).reshape(p.shape), params)
+    norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(raw))))
+    raw = jax.tree.map(lambda g: g * (scale * 0.25 / norm), raw)  # global norm: scale * 0.25
+    _, state = optimizer.update(raw, optimizer.init(params), params)
+    [adam] = [
+        s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")
+    ]
+    given = jax.tree.map(lambda m: m / (1 - cfg.optimizer.b1), adam.mu)
+    given_norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(given))))
+    assert given_norm == pytest.approx(min(scale, 1.0) * 0.25, rel=1e-5)
+    if scale < 1:
+        for a, b in zip(jax.tree.leaves(raw), jax.tree.leaves(given), strict=True):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-9)
+
+
 def test_padding_and_cross_document_targets_do_not_count() -> None:
     segments = jnp.asarray([[1, 1, 1, 2, 2, 0, 0]])
     assert target_mask(segments).tolist() == [[True, True, False, True, False, False]]

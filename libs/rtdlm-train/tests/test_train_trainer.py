@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -188,6 +191,44 @@ def test_step_metrics_are_read_while_the_next_step_runs(
     assert Watch.ahead == [(step, step if step in (5, 10) else step + 1) for step in range(1, 11)]
 
 
+def test_a_rollback_recovers_past_the_bad_batches_and_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 5th step dispatched meets NaN parameters (a fault injected at the step's edge): steps
+    5 and 6 are skipped, the run rolls back to the checkpoint of step 4 and goes on with the
+    batches after the bad ones, to a finite finish."""
+    import rtdlm.train.trainer as trainer_module
+
+    make = trainer_module.make_train_step
+    dispatched = 0
+
+    def poisoning(*args: Any) -> Any:
+        step = make(*args)
+
+        def poisoned(state: Any, batch: Any) -> Any:
+            nonlocal dispatched
+            dispatched += 1
+            if dispatched == 5:
+                state = state._replace(params=jax.tree.map(lambda p: p * np.nan, state.params))
+            return step(state, batch)
+
+        return poisoned
+
+    monkeypatch.setattr(trainer_module, "make_train_step", poisoning)
+    cfg = config(
+        *["data.batch_size=2", "train.max_steps=10", "train.checkpoint_every=2"],
+        *["train.on_nonfinite=rollback", "train.max_nonfinite_in_row=2"],
+    )
+    with caplog.at_level("WARNING", logger="rtdlm.train"):
+        seen = run(cfg, tmp_path)
+    [result] = seen.ended
+    assert result.status == "completed" and result.step == 10 and dispatched == 12
+    steps = [(log.step, log.skipped) for log in seen.steps]
+    assert steps[4:8] == [(5, True), (6, True), (5, False), (6, False)]
+    assert all(np.isfinite(log.loss) for log in seen.steps[6:])
+    assert "rolled back to step 4 (rollback 1 of 3), skipping those batches" in caplog.text
+
+
 def test_a_stop_request_finishes_the_step_checkpoints_and_resume_continues(
     tmp_path: Path,
 ) -> None:
@@ -215,6 +256,36 @@ def test_a_run_dir_that_is_a_file_or_in_use_is_refused_before_writing(tmp_path: 
             run(cfg, tmp_path / "busy")
         assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [".lock"]
     run(cfg, tmp_path / "busy")  # released: the next run goes ahead
+
+
+CACHE_HITS = """
+import sys, jax
+from rtdlm.train import Trainer, resolve, split_documents
+from rtdlm.train.data import stdlib_documents
+
+events = []
+jax.monitoring.register_event_listener(lambda event, **_: events.append(event))
+cfg = resolve("tiny", sets=sys.argv[2:], vocab_size=256)
+Trainer(cfg, split_documents(stdlib_documents()), sys.argv[1]).run()
+print(events.count("/jax/compilation_cache/cache_hits"))
+"""
+
+
+def test_a_restarted_run_compiles_from_its_persistent_cache(tmp_path: Path) -> None:
+    """Each run is a new process, as a restarted job is: the second finds the first one's
+    compiled step and evaluation in <run_dir>/xla-cache (JAX reports the hits)."""
+
+    def hits(max_steps: int) -> int:
+        sets = [*SMALL, "data.batch_size=2", f"train.max_steps={max_steps}"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
+        command = [sys.executable, "-c", CACHE_HITS, str(tmp_path), *sets]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    assert hits(2) == 0
+    assert hits(4) >= 2  # the step and the evaluation, at least
+    assert any((tmp_path / "xla-cache").iterdir())
 
 
 def test_a_profile_window_is_traced(tmp_path: Path) -> None:

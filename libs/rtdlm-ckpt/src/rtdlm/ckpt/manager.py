@@ -303,16 +303,12 @@ _OS_ERROR_CODE = re.compile(r"os_error_code\W{0,3}(\d+)")
 
 def _os_error(error: BaseException) -> tuple[str, int | None]:
     """The strerror and errno behind a failed write, else a one-line summary and None."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in quiet.chain(error):
         if isinstance(current, OSError) and current.errno is not None:
             return current.strerror or os.strerror(current.errno), current.errno
         if match := _OS_ERROR_CODE.search(str(current)):
             code = int(match.group(1))
             return os.strerror(code), code
-        current = current.__cause__ or current.__context__
     return _summary(error), None
 
 

@@ -44,7 +44,8 @@ _ORBAX_SOURCE = os.path.dirname(os.path.abspath(ocp.__file__)) + os.sep
 _REMEMBERED_FAILURES = 8  # failed saves whose late stragglers are still recognised
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
+def chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and the exceptions behind it (cause, else context), each once."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
@@ -55,13 +56,13 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 
 def _disk_full(error: BaseException) -> bool:
     return any(
-        isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(error)
+        isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain(error)
     )
 
 
 def _texts(error: BaseException) -> Iterator[str]:
     """The text of an error and of its causes, file names included (OSError may omit them)."""
-    for current in _chain(error):
+    for current in chain(error):
         yield str(current)
         for name in ("filename", "filename2"):
             if isinstance(value := getattr(current, name, None), str | bytes | os.PathLike):

@@ -145,10 +145,3 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     causal = jnp.tril(jnp.ones((time, time), dtype=bool))
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
     return (causal & same_segment)[:, None]
-
-
-def dense_causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array
-) -> jax.Array:
-    """The same attention written densely (one T x T mask), as the reference in tests."""
-    return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids))

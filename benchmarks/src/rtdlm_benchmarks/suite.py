@@ -336,7 +336,7 @@ def main() -> None:
     results["matmul GFLOP/s"] = matmul_ceilings(args.rounds)
     print(table("\nmatmul ceilings, GFLOP/s (2048 x 2048)", [results["matmul GFLOP/s"]]))
     results["training"] = training(args.presets, args.dtypes, args.steps)
-    title = "\ntraining (alternated; MFU against a matmul probe of the compute dtype)"
+    title = "\ntraining (alternated; MFU against the trainer's peak, measured beside each step)"
     print(table(title, results["training"]))
     step_s = {r["preset"]: r["step p50 s"] for r in results["training"] if r["dtype"] == "float32"}
     step_s = step_s or {r["preset"]: r["step p50 s"] for r in results["training"]}

@@ -54,6 +54,7 @@ PyTree = Any
 log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_ASIDE = ".corrupt-"  # a corrupt step set aside: <step>.corrupt-<time>
 _QUIET_SECONDS = 0.2  # after a failed save, how long its temporary directory must stay gone
 _STATE_ITEMS = ("params", "opt_state")
 _JSON_ITEMS = ("data_state", "config", "rtdlm")
@@ -805,9 +806,6 @@ class CheckpointManager:
         source.rename(target)
         self._manager.reload()
         return target
-
-
-_ASIDE = ".corrupt-"
 
 
 def set_aside_steps(directory: str | os.PathLike[str]) -> list[str]:

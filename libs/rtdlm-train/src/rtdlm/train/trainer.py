@@ -154,20 +154,22 @@ class Trainer:
         # process write its own shards of those)
         writer = jax.process_index() == 0
         with RunDirLock(self.run_dir) if writer else contextlib.nullcontext():
-            cfg, fresh = self._settle_config()
+            cfg, fresh, start_over = self._settle_config()
             if self.compile_cache:  # before anything compiles: restarts reuse compiled steps
                 use_compile_cache(self.run_dir / "xla-cache")
             retention = ckpt.Retention(keep_last=cfg.train.keep_checkpoints, keep_best=1)
             with ckpt.CheckpointManager(self.run_dir / "checkpoints", retention) as manager:
                 restored = None if fresh else self._restore(manager, cfg, mesh)
-                if restored is None and (not fresh or ckpt.set_aside_steps(manager.directory)):
+                if start_over or (restored is None and not fresh):  # all set aside, as asked
                     cfg = self._start_over()
                 self._save_config(cfg)
                 return _Run(cfg, self, manager, mesh, held_out).run(restored, should_stop)
 
-    def _settle_config(self) -> tuple[RunConfig, bool]:
-        """The config to run with, and whether this is a fresh start; refuses a run dir that
-        has held checkpoints where it cannot resume from one. Writes nothing."""
+    def _settle_config(self) -> tuple[RunConfig, bool, bool]:
+        """The config to run with, whether this is a fresh start, and whether it starts over in
+        a run dir whose checkpoints were all set aside (as restart_if_all_corrupt allows);
+        refuses a run dir that has held checkpoints where it cannot resume from one. Writes
+        nothing."""
         checkpoints = self.run_dir / "checkpoints"
         # committed steps only: a killed first save leaves a tmp dir, which is no run to resume
         has_checkpoints = checkpoints.is_dir() and any(
@@ -187,8 +189,12 @@ class Trainer:
         saved_file = self.run_dir / "config.yaml"
         if has_checkpoints and saved_file.is_file():
             saved = resolve(None, load_yaml(saved_file.read_text(), str(saved_file)))
-            return for_resume(saved, self.cfg, str(self.run_dir)), False
-        return for_first_start(self.cfg), not has_checkpoints
+            return for_resume(saved, self.cfg, str(self.run_dir)), False, False
+        return (
+            for_first_start(self.cfg),
+            not has_checkpoints,
+            bool(set_aside) and not has_checkpoints,
+        )
 
     def _restore(
         self, manager: ckpt.CheckpointManager, cfg: RunConfig, mesh: Mesh

@@ -42,6 +42,13 @@ def tool() -> Callable[[str], str]:
     return find
 
 
+# The run the app tests train unless a test needs another: the tiny preset at one layer of d_model
+# 64 on batches of 2 x 32 tokens, without the closing sample. The same shapes in every file, so
+# the test run's shared compilation cache (pants.toml) compiles each step once.
+SMALL_RUN = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--sample-tokens", "0"]
+SMALL_RUN += ["--set", "model.num_layers=1", "--set", "model.d_model=64"]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

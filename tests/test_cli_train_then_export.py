@@ -6,15 +6,16 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_RUN
 
 from rtdlm_trainer.main import main as trainer
 
-FAST = ["--max-steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3"]
+FAST = [*SMALL_RUN, "--max-steps", "3", "--eval-every", "3"]
 FAST += ["--metrics-host", "127.0.0.1", "--metrics-port", "0"]
 
 
 def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert trainer(["--preset", "tiny", *FAST, "--run-dir", str(tmp_path / "run")]) == 0
+    assert trainer([*FAST, "--sample-tokens", "16", "--run-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "step     0 | held-out loss" in out
     assert "step     3 | loss" in out and "tokens/s" in out
@@ -22,7 +23,7 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "sample: 'The " in out  # text generated with the KV cache after training
 
     # The same run dir resumes (here: nothing left to do); --no-resume refuses to touch it.
-    assert trainer(["--preset", "tiny", *FAST, "--run-dir", str(tmp_path / "run")]) == 0
+    assert trainer([*FAST, "--run-dir", str(tmp_path / "run")]) == 0
     assert "nothing to do, step 3 >= train.max_steps" in capsys.readouterr().out
     assert trainer([*FAST, "--no-resume", "--run-dir", str(tmp_path / "run")]) == 2
     assert "already holds checkpoints and resuming is off (--no-resume)" in capsys.readouterr().err

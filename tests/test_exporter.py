@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_RUN
 
 from rtdlm_exporter.main import main as exporter
 from rtdlm_trainer.main import main as trainer
 
-FAST = ["--preset", "tiny", "--max-steps", "3", "--batch-size", "2", "--seq-len", "32"]
-FAST += ["--eval-every", "3", "--no-metrics", "--sample-tokens", "0"]
+FAST = [*SMALL_RUN, "--max-steps", "3", "--eval-every", "3", "--no-metrics"]
 EVAL = ["--eval-tokens", "2048"]
 
 
@@ -43,7 +43,7 @@ def test_quantize_reports_size_perplexity_and_greedy_text(
     args = ["--checkpoint", str(run / "checkpoints"), "--step", "best", "--out", str(out), *EVAL]
     assert exporter(["quantize", *args]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("quantized step 3: 13,902,848 -> 3,528,704 bytes (3.94x smaller)")
+    assert lines[0].startswith("quantized step 3: 328,448 -> 87,040 bytes (3.77x smaller)")
     assert lines[1].startswith("held-out perplexity (2,048 tokens): float32 ")
     assert "limit 2.00%" in lines[1]
     assert lines[2].startswith("greedy, float32: '") and lines[3].startswith("greedy, int8:    '")

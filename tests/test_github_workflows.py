@@ -43,6 +43,7 @@ def test_test_workflow_runs_every_branch_and_pr_on_both_pythons_with_coverage() 
     assert "build-support/install-monitoring-tools.sh" in commands(workflow)
     [test_step] = [s for s in workflow["jobs"]["test"]["steps"] if "pants test" in s.get("run", "")]
     assert test_step["env"]["RTDLM_REQUIRE_MONITORING_TOOLS"] == "1"
+    assert test_step["env"]["RTDLM_REQUIRE_MOUNTS"] == "1"  # mounts through sudo, never skipped
 
 
 def test_lint_workflow_runs_every_gate() -> None:

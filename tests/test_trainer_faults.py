@@ -4,6 +4,7 @@ trainers on one run directory, a run directory that is a file or read-only."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import time
@@ -11,15 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import missing_tool, start_trainer
+from conftest import SMALL_RUN, missing_tool, start_trainer
 
 from rtdlm_trainer.main import main as trainer
 
 pytestmark = pytest.mark.slow
+# Mounts need root: CI here is root; GitHub's runners get it from passwordless sudo.
+AS_ROOT = [] if os.geteuid() == 0 else ["sudo", "-n"]
 REQUIRED = "RTDLM_REQUIRE_MOUNTS"  # set by CI, which runs as root: a mount that fails fails
 
-FAST = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--metrics-port", "0"]
-FAST += ["--set", "model.num_layers=1", "--set", "model.d_model=64", "--sample-tokens", "0"]
+FAST = [*SMALL_RUN, "--metrics-port", "0"]
 
 
 def read(path: Path) -> str:
@@ -64,14 +66,14 @@ def test_a_run_dir_that_is_a_file_is_one_line(
 @contextlib.contextmanager
 def read_only(path: Path) -> Iterator[None]:
     """`path` bind-mounted read-only over itself (mount -o remount,ro, without the disk)."""
-    done = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    done = subprocess.run([*AS_ROOT, "mount", "--bind", str(path), str(path)], capture_output=True)
     if done.returncode != 0:
         missing_tool(f"needs root to bind-mount: {done.stderr.decode().strip()}", REQUIRED)
     try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
+        subprocess.run([*AS_ROOT, "mount", "-o", "remount,ro,bind", str(path)], check=True)
         yield
     finally:
-        subprocess.run(["umount", str(path)], check=False)
+        subprocess.run([*AS_ROOT, "umount", str(path)], check=False)
 
 
 @pytest.mark.parametrize(
@@ -115,18 +117,19 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "disk"
     mount.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+        [*AS_ROOT, "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+        capture_output=True,
     )
     if done.returncode != 0:
         missing_tool(f"needs root to mount a tmpfs: {done.stderr.decode().strip()}", REQUIRED)
     try:
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        subprocess.run([*AS_ROOT, "umount", str(mount)], check=False)
 
 
 def resize(mount: Path, size: int) -> None:
-    subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+    subprocess.run([*AS_ROOT, "mount", "-o", f"remount,size={size}", str(mount)], check=True)
 
 
 def checkpoint_bytes(tmp_path: Path) -> int:
@@ -147,7 +150,9 @@ def test_a_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     command = [*FAST, "--max-steps", "6", "--checkpoint-every", "2", "--run-dir", str(run_dir)]
-    subprocess.run(["mount", "--bind", str(small_disk), str(run_dir / "checkpoints")], check=True)
+    subprocess.run(
+        [*AS_ROOT, "mount", "--bind", str(small_disk), str(run_dir / "checkpoints")], check=True
+    )
     try:
         resize(small_disk, int(size * 1.5))
         process = start_trainer(*command)
@@ -169,5 +174,5 @@ def test_a_full_disk_during_a_save_is_one_line_and_a_rerun_resumes(
         assert again.returncode == 0, out + err
         assert "resumed from step 2" in out and "done: 6 steps (4 this run" in out
     finally:
-        subprocess.run(["umount", str(run_dir / "checkpoints")], check=False)
+        subprocess.run([*AS_ROOT, "umount", str(run_dir / "checkpoints")], check=False)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -5,15 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_RUN
 
 PEX = Path("apps.trainer/trainer.pex")
 
 
 @pytest.mark.slow
 def test_trainer_pex_trains_and_rejects_bad_input(tmp_path: Path) -> None:
-    run = [sys.executable, str(PEX), "--preset", "tiny", "--run-dir", str(tmp_path / "run")]
-    fast = ["--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2"]
-    fast += ["--metrics-port", "0"]
+    run = [sys.executable, str(PEX), "--run-dir", str(tmp_path / "run")]
+    fast = [*SMALL_RUN, "--max-steps", "2", "--eval-every", "2", "--metrics-port", "0"]
     done = subprocess.run([*run, *fast], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "held-out loss" in done.stdout and "done: 2 steps" in done.stdout

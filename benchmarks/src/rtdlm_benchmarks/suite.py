@@ -24,6 +24,7 @@ import platform
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from rtdlm.ckpt import CheckpointManager
 from rtdlm.metrics import best_seconds, measure_matmul_flops, measure_peak, utilization
@@ -229,15 +231,27 @@ def _raw_reads(arrays: list[np.ndarray], directory: Path) -> tuple[float, float]
     return seconds[0], seconds[1]
 
 
+def _orbax_restore(step_dir: Path, state: TrainState) -> None:
+    """The state's items read through orbax's own PyTree restore, unverified: the path that
+    rtdlm.ckpt.arrays replaces."""
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False)
+    for item, tree in (("params", state.params), ("opt_state", state.opt_state)):
+        restore_args = ocp.checkpoint_utils.construct_restore_args(tree)
+        args = ocp.args.PyTreeRestore(tree, restore_args=restore_args)
+        jax.block_until_ready(handler.restore(step_dir / item, args=args))
+
+
 def checkpoints(preset: str, step_seconds: float, rounds: int) -> dict[str, Any]:
     """For the preset's real train state: how long an async save holds the caller, over one
-    step; and verified restore throughput over plain reads of the same bytes, alternated, from
-    the disk (a restart) and from the page cache."""
+    step; verified restore throughput over plain reads of the same bytes, alternated, from
+    the disk (a restart) and from the page cache; and orbax's own restore over rtdlm's direct
+    reads, both unverified and from the page cache, alternated (the direct reader is kept
+    only while it wins by 1.3x or more)."""
     cfg = run_config(preset, "float32", 1)
     model = build_with_stats(cfg.model)
     state = init_state(model, make_optimizer(cfg.optimizer), cfg)
     arrays = [np.asarray(a) for a in jax.tree.leaves((state.params, state.opt_state))]
-    blocking, cold, warm = [], [], []
+    blocking, cold, warm, readers = [], [], [], []
     with (
         tempfile.TemporaryDirectory() as work,
         CheckpointManager(Path(work) / "checkpoints") as manager,
@@ -255,12 +269,18 @@ def checkpoints(preset: str, step_seconds: float, rounds: int) -> dict[str, Any]
             raw_cold, raw_warm = _raw_reads(arrays, Path(work) / f"raw{r}")
             cold.append(raw_cold / restores[0])
             warm.append(raw_warm / restores[1])
+            step_dir = Path(manager.directory / str(r))
+            tree = {"params": state.params, "opt_state": state.opt_state}
+            direct = best_seconds(partial(manager.restore, r, **tree, verify=False), repeats=2)
+            orbax = best_seconds(_orbax_restore, step_dir, state, repeats=2)
+            readers.append(orbax / direct)
     return {
         "preset": preset,
         "bytes": sum(a.nbytes for a in arrays),
         "save blocking / step": statistics.median(blocking) / step_seconds,
         "restore / raw read, disk": statistics.median(cold),
         "restore / raw read, cached": statistics.median(warm),
+        "orbax restore / direct reads, cached": statistics.median(readers),
     }
 
 

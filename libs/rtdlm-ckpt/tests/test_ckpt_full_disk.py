@@ -39,9 +39,22 @@ def tool(name: str) -> str:
     return shutil.which(name) or next((path for path in usual if os.path.exists(path)), name)
 
 
+# Mounts need root: CI here is root; GitHub's runners get it from passwordless sudo.
+AS_ROOT = [] if os.geteuid() == 0 else [tool("sudo"), "-n"]
+
+
 def mount_tmpfs(mountpoint: Path) -> bool:
     mountpoint.mkdir(parents=True, exist_ok=True)
-    command = [tool("mount"), "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mountpoint)]
+    command = [
+        *AS_ROOT,
+        tool("mount"),
+        "-t",
+        "tmpfs",
+        "-o",
+        f"size={TMPFS_SIZE}",
+        "tmpfs",
+        str(mountpoint),
+    ]
     try:
         result = subprocess.run(command, capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -50,8 +63,11 @@ def mount_tmpfs(mountpoint: Path) -> bool:
 
 
 def unmount(mountpoint: Path) -> None:
-    if subprocess.run([tool("umount"), str(mountpoint)], capture_output=True).returncode != 0:
-        subprocess.run([tool("umount"), "-l", str(mountpoint)], capture_output=True)
+    if (
+        subprocess.run([*AS_ROOT, tool("umount"), str(mountpoint)], capture_output=True).returncode
+        != 0
+    ):
+        subprocess.run([*AS_ROOT, tool("umount"), "-l", str(mountpoint)], capture_output=True)
 
 
 @pytest.fixture

@@ -21,9 +21,10 @@ SMALL = ModelConfig(
 def init_and_apply(
     cfg: ModelConfig, tokens: jax.Array, segment_ids: jax.Array | None = None
 ) -> tuple[hk.Params, jax.Array]:
+    """Jitted, as training runs it: one compile per shape instead of one per operation."""
     model = build(cfg)
-    params = model.init(jax.random.PRNGKey(0), tokens)
-    return params, model.apply(params, None, tokens, segment_ids)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
+    return params, jax.jit(model.apply)(params, None, tokens, segment_ids)
 
 
 @st.composite
@@ -110,12 +111,16 @@ def assert_vjps_close(
     cotangent: jax.Array,
     tol: float,
 ) -> None:
-    """f and reference agree in value and in every gradient, gradient dtypes included."""
-    got, want = jax.vjp(f, *primals), jax.vjp(reference, *primals)
+    """f and reference agree in value and in every gradient, gradient dtypes included; each
+    side's value and gradients are one jitted computation."""
+
+    def value_and_vjp(fn: Callable[..., jax.Array]) -> tuple[jax.Array, Any]:
+        out, pull = jax.vjp(fn, *primals)
+        return out, pull(cotangent)
+
+    got, want = jax.jit(lambda: value_and_vjp(f))(), jax.jit(lambda: value_and_vjp(reference))()
     np.testing.assert_allclose(np.float32(got[0]), np.float32(want[0]), rtol=tol, atol=tol)
-    for a, b in zip(
-        jax.tree.leaves(got[1](cotangent)), jax.tree.leaves(want[1](cotangent)), strict=True
-    ):
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
 

@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from small_run import small_config
 
 from rtdlm import ckpt
 from rtdlm.metrics import PrometheusTrainingCallback
-from rtdlm.train import Callback, CheckpointLog, Prometheus, RunResult, Trainer, resolve
+from rtdlm.train import Callback, CheckpointLog, Prometheus, RunResult, Trainer
 from rtdlm.train import split_documents as split
 from rtdlm.train.data import stdlib_documents
 
-SMALL = ["model.d_model=64", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2"]
-SMALL += ["model.seq_len=32", "metrics.enabled=false", "data.batch_size=2"]
-SMALL += ["train.max_steps=8", "train.checkpoint_every=2", "train.eval_every=4"]
+# Mounts need root: CI here is root; GitHub's runners get it from passwordless sudo.
+AS_ROOT = [] if os.geteuid() == 0 else ["sudo", "-n"]
+RUN = ["data.batch_size=2", "train.max_steps=8", "train.checkpoint_every=2", "train.eval_every=4"]
+RUN += ["model.d_model=64"]  # checkpoints large enough that a tmpfs sized in them fills on time
 DATA = split(stdlib_documents())
 
 
@@ -30,7 +32,8 @@ def disk(tmp_path: Path) -> Iterator[Path]:
     mount = run_dir / "checkpoints"
     mount.mkdir(parents=True)
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+        [*AS_ROOT, "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+        capture_output=True,
     )
     if done.returncode != 0:  # a failure where CI (root) sets RTDLM_REQUIRE_MOUNTS
         (pytest.fail if os.environ.get("RTDLM_REQUIRE_MOUNTS") else pytest.skip)(
@@ -39,17 +42,17 @@ def disk(tmp_path: Path) -> Iterator[Path]:
     try:
         yield run_dir
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        subprocess.run([*AS_ROOT, "umount", str(mount)], check=False)
 
 
 def resize(run_dir: Path, size: int) -> None:
     subprocess.run(
-        ["mount", "-o", f"remount,size={size}", str(run_dir / "checkpoints")], check=True
+        [*AS_ROOT, "mount", "-o", f"remount,size={size}", str(run_dir / "checkpoints")], check=True
     )
 
 
 def one_checkpoint(tmp_path: Path) -> int:
-    cfg = resolve("tiny", sets=[*SMALL, "train.max_steps=1"], vocab_size=256)
+    cfg = small_config(*RUN, "train.max_steps=1")
     Trainer(cfg, DATA, tmp_path / "measure", compile_cache=False).run()
     files = (tmp_path / "measure" / "checkpoints" / "1").rglob("*")
     return sum(p.stat().st_size for p in files if p.is_file())
@@ -73,7 +76,7 @@ class Failures(Callback):
 def train(run_dir: Path, *sets: str, callback: Callback) -> tuple[RunResult, CollectorRegistry]:
     registry = CollectorRegistry()
     metrics = Prometheus(PrometheusTrainingCallback(registry, run="disk"))
-    cfg = resolve("tiny", sets=[*SMALL, *sets], vocab_size=256)
+    cfg = small_config(*RUN, *sets)
     trainer = Trainer(cfg, DATA, run_dir, [metrics, callback], compile_cache=False)
     return trainer.run(), registry
 

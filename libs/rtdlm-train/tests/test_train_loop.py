@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_run import small_config
 
 from rtdlm.model import build_with_stats
-from rtdlm.train import Batch, RunConfig, resolve, split_documents
+from rtdlm.train import Batch, RunConfig, split_documents
 from rtdlm.train.config import for_first_start
 from rtdlm.train.data import stdlib_documents
 from rtdlm.train.loop import (
@@ -21,9 +22,7 @@ from rtdlm.train.loop import (
 )
 from rtdlm.train.pipeline import packed_batches
 
-SMALL = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2"]
-SMALL += ["model.seq_len=32", "model.d_ff=64"]
-SMALL += ["model.compute_dtype=float32"]  # equalities at float32 tolerances (tiny runs bf16)
+FLOAT32 = "model.compute_dtype=float32"  # equalities at float32 tolerances (tiny runs bf16)
 DATA = split_documents(stdlib_documents())
 
 
@@ -33,7 +32,7 @@ def batches(size: int, seq_len: int, count: int) -> list[Batch]:
 
 
 def config(*sets: str) -> RunConfig:
-    return for_first_start(resolve("tiny", sets=[*SMALL, *sets], vocab_size=256))
+    return for_first_start(small_config(FLOAT32, *sets))
 
 
 def padded(batch: Batch, keep: list[int]) -> Batch:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 import pytest
+from small_run import SMALL, small_config
 
 from rtdlm import ckpt
 from rtdlm.train import (
@@ -24,19 +25,15 @@ from rtdlm.train import (
     Splits,
     StepLog,
     Trainer,
-    resolve,
     split_documents,
 )
 from rtdlm.train.data import stdlib_documents
 from rtdlm.train.shards import corpus_from_documents
 
-SMALL = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2"]
-SMALL += ["model.seq_len=32", "model.d_ff=64", "metrics.enabled=false"]
 DATA = split_documents(stdlib_documents())
 
 
-def config(*sets: str) -> RunConfig:
-    return resolve("tiny", sets=[*SMALL, *sets], vocab_size=256)
+config = small_config
 
 
 class Recorder(Callback):
@@ -277,7 +274,8 @@ def test_a_restarted_run_compiles_from_its_persistent_cache(tmp_path: Path) -> N
 
     def hits(max_steps: int) -> int:
         sets = [*SMALL, "data.batch_size=2", f"train.max_steps={max_steps}"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}  # run dir's
+        env |= {"PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
         command = [sys.executable, "-c", CACHE_HITS, str(tmp_path), *sets]
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr

@@ -45,9 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's default uses
 
-from rtdlm.ckpt import arrays, integrity, quiet
+from rtdlm.ckpt import arrays, integrity, orbax_internals, quiet
 from rtdlm.ckpt.retention import PreservationPolicy, Retention, best_of
 
 PyTree = Any
@@ -208,12 +207,7 @@ def _saved_target(item_dir: epath.Path) -> PyTree:
 def _array_handler() -> ocp.PyTreeCheckpointHandler:
     """Arrays stored uncompressed: zstd saved under 10% of the bytes of trained float weights
     and halved restore throughput. Checkpoints written compressed still restore."""
-    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store())
-    others = (int, float, bytes, np.number, np.ndarray, str, type(ocp.PLACEHOLDER))
-    registry = ocp.type_handlers.create_type_handler_registry(
-        (jax.Array, handler), *((ty, ocp.type_handlers.get_type_handler(ty)) for ty in others)
-    )
-    return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+    return ocp.PyTreeCheckpointHandler(use_compression=False)
 
 
 def _read_arrays(
@@ -386,7 +380,7 @@ class CheckpointManager:
             )
         # orbax removes interrupted saves' temporary directories in the background and waits
         # for that only in its next save: wait here, so an opened manager has swept them.
-        getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+        orbax_internals.await_tmp_cleanup(self._manager)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -509,14 +503,9 @@ class CheckpointManager:
         """Cancels the failed save's other writes and waits for them (bounded).
 
         orbax stops waiting at the first write that fails; the other items' writer threads go
-        on and would recreate the temporary directory after it is removed. orbax 0.12.8 has no
-        public handle on them once its save thread is done, so this reaches into private
-        attributes; if they move, the sweep before the next save removes what comes back.
-        """
-        checkpointer = getattr(self._manager, "_checkpointer", None)
-        futures = list(
-            getattr(getattr(checkpointer, "_async_manager", None), "_commit_futures", None) or []
-        )
+        on and would recreate the temporary directory after it is removed
+        (rtdlm.ckpt.orbax_internals)."""
+        futures = orbax_internals.commit_futures(self._manager)
         for future in futures:
             with contextlib.suppress(Exception):  # one that is done may object
                 future.cancel()  # unwritten arrays are not written at all

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -106,6 +106,19 @@ class _Pending(NamedTuple):
     metrics: StepMetrics
     tokens: int
     data_wait: float
+
+
+@dataclass(frozen=True)
+class _End:
+    """How the step loop ended, with the state it ended on; `save`: checkpoint that state
+    (a run stopped early) unless it is saved already."""
+
+    status: Status
+    message: str
+    step: int
+    state: TrainState
+    position: dict[str, Any] | None = None
+    save: bool = False
 
 
 class _Halt(Exception):
@@ -245,9 +258,13 @@ _NOTHING_CHANGED = (
 
 def use_compile_cache(directory: str | os.PathLike[str]) -> None:
     """XLA's persistent compilation cache in `directory`, for every later compile in this
-    process: a restarted run loads its compiled steps instead of compiling them again."""
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    process: a restarted run loads its compiled steps instead of compiling them again. JAX's
+    own variables win where set: JAX_COMPILATION_CACHE_DIR names one cache that every run on
+    the machine shares, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS what is worth keeping."""
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+    if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def describe(cfg: RunConfig, devices: int | None = None) -> str:
@@ -352,46 +369,71 @@ class _Run:
         restored: tuple[TrainState, dict[str, Any]] | None,
         should_stop: Callable[[], bool],
     ) -> RunResult:
-        cfg, started = self.cfg, time.perf_counter()
-        writer = jax.process_index() == 0
-        fresh = restored is None
+        started = time.perf_counter()
         if restored is None:
             state, position = self.init(), None
         else:
             state, position = restored
             log.info("resumed from step %d in %s", int(state.step), self.manager.directory)
-        self.start_step = step = int(state.step)
-        status: Status = "completed"
-        message = ""
-        if step >= cfg.train.max_steps:
-            message = f"nothing to do, step {step} >= train.max_steps"
-        elif fresh:
-            self._evaluate(0, state)
-        stream = self._batches(position)
-        pending: _Pending | None = None
+        self.start_step = int(state.step)
         try:
-            while step < cfg.train.max_steps:
+            end = self._wind_down(self._train(state, position, should_stop, restored is None))
+        finally:
+            self._stop_profile()
+            if self.steps_file is not None:
+                self.steps_file.close()
+        result = RunResult(
+            status=end.status,
+            config=self.cfg,
+            start_step=self.start_step,
+            step=end.step,
+            tokens=self.tokens,
+            seconds=time.perf_counter() - started,
+            evals=tuple(self.evals),
+            params=end.state.params if end.step > self.start_step else None,
+            checkpoints=Path(str(self.manager.directory)),
+            last_checkpoint=self.manager.latest_step(),
+            message=end.message,
+        )
+        for callback in self.callbacks:
+            callback.on_end(result)
+        return result
+
+    def _train(
+        self,
+        state: TrainState,
+        position: dict[str, Any] | None,
+        should_stop: Callable[[], bool],
+        fresh: bool,
+    ) -> _End:
+        """The step loop: each way it ends is one return below. Step N's metrics are read
+        (`_finish`) while step N + 1 runs, so every exit first finishes the step in flight."""
+        step, max_steps = self.start_step, self.cfg.train.max_steps
+        if step >= max_steps:
+            return _End("completed", f"nothing to do, step {step} >= train.max_steps", step, state)
+        if fresh:
+            self._evaluate(0, state)
+        stream, pending = self._batches(position), None
+        try:
+            while step < max_steps:
                 try:
                     if should_stop():
                         self._finish(pending)
-                        pending, status = None, "stopped"
-                        break
-                    if cfg.train.profile_steps and step == self.start_step + 2 and writer:
+                        return _End("stopped", "", step, state, position, save=True)
+                    if self._profile_starts(step):
                         self._finish(pending)
                         pending = None
-                        jax.profiler.start_trace(str(self.run_dir / "profile"))
-                        self.profiling = True
+                        self._start_profile()
                     begin = time.perf_counter()
                     try:
                         batch, position = next(stream)
                     except DataError as error:  # a shard found corrupt on first use
                         self._finish(pending)
-                        pending, status = None, "data_error"
                         message = (
                             f"{error}; training stopped before step {step + 1} and the state "
                             "is checkpointed: rerun to resume once the data is fixed"
                         )
-                        break
+                        return _End("data_error", message, step, state, position, save=True)
                     data_wait = time.perf_counter() - begin
                     state, metrics = self.train_step(state, batch)
                     step += 1
@@ -404,47 +446,39 @@ class _Run:
                         pending = None
                         self._at_sync_point(step, state, position)
                 except _Rollback as rollback:
-                    state, step, stream = self._roll_back(rollback, position, stream)
-                    pending = None
+                    stream.close()
+                    state, step = self._roll_back(rollback)
+                    stream, pending = self._batches(position), None
                 self._report_commits()
-            if status in ("stopped", "data_error") and self.last_saved != step:
-                self._save(step, state, position)
+            return _End("completed", "", step, state)  # the last step was due: nothing pending
+        except _Halt as halt:  # non-finite steps or a failed save
+            return _End(halt.status, str(halt), step, state)
+        finally:
+            stream.close()
+
+    def _wind_down(self, end: _End) -> _End:
+        """Checkpoints a run that ends early and waits for every save; a save that failed
+        turns an end that was not already a halt into a checkpoint error."""
+        try:
+            if end.save and self.last_saved != end.step:
+                self._save(end.step, end.state, end.position)
             self._stop_profile()
             try:
                 self.manager.wait()
             except ckpt.CheckpointSaveError as error:
                 self._checkpoint_failed(error)
             self._report_commits()
-            if self.save_failed and self.manager.latest_step() != step:
-                raise _Halt(
-                    "checkpoint_error",
-                    f"the checkpoint of step {step} was not saved; the newest is "
-                    f"{self.manager.latest_step()} in {self.manager.directory}: rerun to resume "
-                    "from it once the problem above is fixed",
-                )
         except _Halt as halt:
-            status, message = halt.status, str(halt)
-        finally:
-            stream.close()
-            self._stop_profile()
-            if self.steps_file is not None:
-                self.steps_file.close()
-        result = RunResult(
-            status=status,
-            config=cfg,
-            start_step=self.start_step,
-            step=step,
-            tokens=self.tokens,
-            seconds=time.perf_counter() - started,
-            evals=tuple(self.evals),
-            params=state.params if step > self.start_step else None,
-            checkpoints=Path(str(self.manager.directory)),
-            last_checkpoint=self.manager.latest_step(),
-            message=message,
-        )
-        for callback in self.callbacks:
-            callback.on_end(result)
-        return result
+            return replace(end, status=halt.status, message=str(halt))
+        halted = end.status in ("nonfinite", "checkpoint_error")
+        if self.save_failed and not halted and self.manager.latest_step() != end.step:
+            message = (
+                f"the checkpoint of step {end.step} was not saved; the newest is "
+                f"{self.manager.latest_step()} in {self.manager.directory}: rerun to resume "
+                "from it once the problem above is fixed"
+            )
+            return replace(end, status="checkpoint_error", message=message)
+        return end
 
     def _batches(self, position: dict[str, Any] | None) -> Prefetch:
         """Global batches on the mesh, packed and placed ahead on a background thread; each
@@ -483,6 +517,15 @@ class _Run:
     @property
     def _profile_end(self) -> int:
         return self.start_step + 2 + self.cfg.train.profile_steps
+
+    def _profile_starts(self, step: int) -> bool:
+        """A profile skips the first two steps (compilation) and is written by process 0."""
+        profile = self.cfg.train.profile_steps
+        return bool(profile) and step == self.start_step + 2 and jax.process_index() == 0
+
+    def _start_profile(self) -> None:
+        jax.profiler.start_trace(str(self.run_dir / "profile"))
+        self.profiling = True
 
     def _finish(self, pending: _Pending | None) -> None:
         """Waits for a dispatched step, reports it, and applies the non-finite policy."""
@@ -537,10 +580,9 @@ class _Run:
             f"checkpoint is in {self.manager.directory})",
         )
 
-    def _roll_back(
-        self, rollback: _Rollback, position: dict[str, Any] | None, stream: Prefetch
-    ) -> tuple[TrainState, int, Prefetch]:
-        """The last checkpoint's state, with the data stream past the batches that went bad."""
+    def _roll_back(self, rollback: _Rollback) -> tuple[TrainState, int]:
+        """The last checkpoint's state; the data stream goes on past the batches that went
+        bad."""
         self.manager.wait()
         state, _ = restore_state(self.manager, self.cfg, self.mesh)
         self.rollbacks += 1
@@ -551,9 +593,8 @@ class _Run:
             self.rollbacks,
             MAX_ROLLBACKS,
         )
-        stream.close()
         self.last_done = time.perf_counter()
-        return state, int(state.step), self._batches(position)
+        return state, int(state.step)
 
     def _at_sync_point(self, step: int, state: TrainState, position: dict[str, Any]) -> None:
         train = self.cfg.train

@@ -2,9 +2,11 @@
 
 import itertools
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from small_run import small_config
 
@@ -13,6 +15,7 @@ from rtdlm.train import Batch, RunConfig, split_documents
 from rtdlm.train.config import for_first_start
 from rtdlm.train.data import stdlib_documents
 from rtdlm.train.loop import (
+    TrainState,
     init_state,
     make_evaluate,
     make_loss_and_grads,
@@ -35,6 +38,13 @@ def config(*sets: str) -> RunConfig:
     return for_first_start(small_config(FLOAT32, *sets))
 
 
+def initial_state(
+    model: hk.Transformed, optimizer: optax.GradientTransformation, cfg: RunConfig
+) -> TrainState:
+    """init_state jitted, as the Trainer runs it: one compile, not one per operation."""
+    return jax.jit(lambda: init_state(model, optimizer, cfg))()
+
+
 def padded(batch: Batch, keep: list[int]) -> Batch:
     """Row i keeps its first keep[i] tokens as one document; the rest is padding (segment 0)."""
     segments = np.zeros_like(batch.segment_ids)
@@ -52,7 +62,7 @@ def test_accumulated_gradients_equal_the_one_big_batch_whatever_the_padding() ->
     for micro in (1, 4):
         cfg = config("data.batch_size=8", f"data.micro_batches={micro}")
         model = build_with_stats(cfg.model)
-        params = init_state(model, make_optimizer(cfg.optimizer), cfg).params
+        params = initial_state(model, make_optimizer(cfg.optimizer), cfg).params
         results[micro] = jax.jit(make_loss_and_grads(model, cfg))(params, batch)
     (loss_one, grads_one), (loss_acc, grads_acc) = results[1], results[4]
     assert float(loss_acc) == pytest.approx(float(loss_one), rel=1e-5)
@@ -63,7 +73,7 @@ def test_accumulated_gradients_equal_the_one_big_batch_whatever_the_padding() ->
 def test_held_out_loss_is_the_token_weighted_mean() -> None:
     cfg = config("data.batch_size=4")
     model = build_with_stats(cfg.model)
-    params = init_state(model, make_optimizer(cfg.optimizer), cfg).params
+    params = initial_state(model, make_optimizer(cfg.optimizer), cfg).params
     full, sparse = batches(4, 32, 2)
     sparse = padded(sparse, [2, 3, 2, 5])  # few targets: must weigh little
     counts = [int(target_mask(jnp.asarray(b.segment_ids)).sum()) for b in (full, sparse)]
@@ -80,7 +90,7 @@ def test_a_nonfinite_step_is_skipped_and_counted() -> None:
     model = build_with_stats(cfg.model)
     optimizer = make_optimizer(cfg.optimizer)
     step = make_train_step(model, optimizer, cfg)
-    state = init_state(model, optimizer, cfg)
+    state = initial_state(model, optimizer, cfg)
     [batch] = batches(2, cfg.model.seq_len, 1)
     before = jax.tree.map(np.asarray, state.params)
     poisoned = state._replace(
@@ -92,7 +102,7 @@ def test_a_nonfinite_step_is_skipped_and_counted() -> None:
     assert int(metrics.nonfinite_in_row) == 1
     for a, b in zip(jax.tree.leaves(nan_params), jax.tree.leaves(after.params), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))  # untouched, not updated with NaN
-    clean = init_state(model, optimizer, cfg)._replace(nonfinite_in_row=jnp.asarray(3))
+    clean = initial_state(model, optimizer, cfg)._replace(nonfinite_in_row=jnp.asarray(3))
     fixed, metrics = step(clean, batch)
     assert bool(metrics.finite) and int(fixed.nonfinite_in_row) == 0
     assert any(
@@ -105,7 +115,7 @@ def test_the_step_reports_the_learning_rate_it_used() -> None:
     cfg = config("data.batch_size=2", "optimizer.warmup_steps=4", "optimizer.learning_rate=1e-2")
     model = build_with_stats(cfg.model)
     optimizer = make_optimizer(cfg.optimizer)
-    step, state = make_train_step(model, optimizer, cfg), init_state(model, optimizer, cfg)
+    step, state = make_train_step(model, optimizer, cfg), initial_state(model, optimizer, cfg)
     rates = []
     for batch in batches(2, cfg.model.seq_len, 3):
         state, metrics = step(state, batch)
@@ -121,7 +131,7 @@ def test_after_a_skipped_step_the_reported_rate_is_the_one_optax_applies() -> No
     optimizer = make_optimizer(cfg.optimizer)
     step = make_train_step(model, optimizer, cfg)
     first, bad, third, fourth = batches(2, cfg.model.seq_len, 4)
-    state, metrics = step(init_state(model, optimizer, cfg), first)
+    state, metrics = step(initial_state(model, optimizer, cfg), first)
     rates = [float(metrics.learning_rate)]
     good = jax.tree.map(np.array, state.params)
     nan = jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), state.params)
@@ -135,7 +145,7 @@ def test_after_a_skipped_step_the_reported_rate_is_the_one_optax_applies() -> No
     assert rates == pytest.approx([0.0, 2.5e-3, 2.5e-3, 5e-3])  # schedule(state.step): 7.5e-3
 
     # the oracle: the same run without the bad batch applies those rates to the same params
-    clean = init_state(model, optimizer, cfg)
+    clean = initial_state(model, optimizer, cfg)
     clean_rates = []
     for batch in (first, third, fourth):
         clean, metrics = step(clean, batch)
@@ -152,7 +162,7 @@ def test_gradients_are_clipped_to_the_global_norm_before_adam(scale: float) -> N
     cfg = config("optimizer.clip_norm=0.25")
     model = build_with_stats(cfg.model)
     optimizer = make_optimizer(cfg.optimizer)
-    params = init_state(model, optimizer, cfg).params
+    params = initial_state(model, optimizer, cfg).params
     raw = jax.tree.map(lambda p: jnp.ones_like(p) * np.arange(p.size).reshape(p.shape), params)
     norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(raw))))
     raw = jax.tree.map(lambda g: g * (scale * 0.25 / norm), raw)  # global norm: scale * 0.25

@@ -69,13 +69,12 @@ def memory(cfg: RunConfig) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    run_dir, *sets = sys.argv[1:]
+def job(run_dir: str, *sets: str) -> dict[str, Any]:
+    """One run on this process's devices, or with run_dir "memory", one memory comparison."""
     if run_dir == "memory":
         model, *sets = sets
         cfg = for_first_start(resolve(model, sets=[*sets, "metrics.enabled=false"], vocab_size=256))
-        print(json.dumps(memory(cfg)))
-        return
+        return memory(cfg)
     cfg = small_config(*RUN, *sets)
     record = Record()
     data = split_documents(stdlib_documents())
@@ -85,17 +84,23 @@ def main() -> None:
         for module, leaves in (result.params or {}).items()
         for name, value in leaves.items()
     }
-    print(
-        json.dumps(
-            {
-                "devices": jax.device_count(),
-                "status": result.status,
-                "losses": record.losses,
-                "evals": record.evals,
-                "shards": shards,
-            }
-        )
-    )
+    return {
+        "devices": jax.device_count(),
+        "status": result.status,
+        "losses": record.losses,
+        "evals": record.evals,
+        "shards": shards,
+    }
+
+
+def main() -> None:
+    """argv: one job's arguments, or a JSON list of jobs (one JAX start for them all); prints
+    the result, or the list of results, as one JSON line."""
+    args = sys.argv[1:]
+    if args[0].startswith("["):
+        print(json.dumps([job(*arguments) for arguments in json.loads(args[0])]))
+    else:
+        print(json.dumps(job(*args)))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 RTOL = 2e-5  # float32 sums in another order, over a few Adam steps
 
 
-def worker(*args: str, devices: int = 8) -> dict[str, Any]:
+def worker(*args: str, devices: int = 8) -> Any:
     """mesh_worker.py on `devices` virtual CPU devices; its JSON line."""
     env = {
         **os.environ,
@@ -37,8 +37,12 @@ def worker(*args: str, devices: int = 8) -> dict[str, Any]:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def workers(jobs: dict[str, list[str]], devices: int = 8) -> dict[str, dict[str, Any]]:
+    """Several jobs in one worker process (one JAX start for them all): each one's result."""
+    return dict(zip(jobs, worker(json.dumps(list(jobs.values())), devices=devices), strict=True))
 
 
 def train(run_dir: Path, *sets: str, devices: int = 8) -> dict[str, Any]:
@@ -56,24 +60,42 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return train(tmp_path_factory.mktemp("single"), "train.max_steps=4", devices=1)
 
 
+MESHES = {
+    "data=8": ["mesh.data=8"],
+    "fsdp=8": ["mesh.fsdp=8", "mesh.data=1"],
+    "data=2,fsdp=2,tensor=2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def meshes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Four steps on each mesh, every run in one worker process."""
+    root = tmp_path_factory.mktemp("meshes")
+    jobs = {name: [str(root / name), "train.max_steps=4", *mesh] for name, mesh in MESHES.items()}
+    results = workers(jobs)
+    for result in results.values():
+        assert result["status"] == "completed" and result["devices"] == 8
+    return results
+
+
 @pytest.mark.parametrize(
     ("mesh", "query_shard", "gate_shard", "embed_shard"),
     [
-        (["mesh.data=8"], [32, 32], [32, 64], [256, 32]),
-        (["mesh.fsdp=8", "mesh.data=1"], [4, 32], [4, 64], [256, 4]),
-        (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], [16, 16], [16, 32], [128, 16]),
+        ("data=8", [32, 32], [32, 64], [256, 32]),
+        ("fsdp=8", [4, 32], [4, 64], [256, 4]),
+        ("data=2,fsdp=2,tensor=2", [16, 16], [16, 32], [128, 16]),
     ],
-    ids=["data=8", "fsdp=8", "data=2,fsdp=2,tensor=2"],
+    ids=list(MESHES),
 )
 def test_every_mesh_trains_the_same_losses_with_the_rules_layout(
-    tmp_path: Path,
+    meshes: dict[str, dict[str, Any]],
     single: dict[str, Any],
-    mesh: list[str],
+    mesh: str,
     query_shard: list[int],
     gate_shard: list[int],
     embed_shard: list[int],
 ) -> None:
-    result = train(tmp_path, "train.max_steps=4", *mesh)
+    result = meshes[mesh]
     assert losses(result) == pytest.approx(losses(single), rel=RTOL)
     assert result["evals"]["4"] == pytest.approx(single["evals"]["4"], rel=RTOL)
     assert result["shards"]["block_0/attn/query/w"] == query_shard  # [embed, heads]
@@ -92,9 +114,16 @@ def test_experts_split_over_the_expert_axis_train_the_same_losses(tmp_path: Path
 
 
 def test_a_run_saved_as_fsdp_8_resumes_on_4_devices_as_data_2_fsdp_2(tmp_path: Path) -> None:
-    straight = train(tmp_path / "straight", "train.max_steps=8", "mesh.fsdp=8", "mesh.data=1")
     run = ["optimizer.decay_steps=8", "train.checkpoint_every=4"]
-    train(tmp_path / "run", *run, "train.max_steps=4", "mesh.fsdp=8", "mesh.data=1")
+    fsdp_8 = ["mesh.fsdp=8", "mesh.data=1"]
+    first = workers(  # in one process
+        {
+            "straight": [str(tmp_path / "straight"), "train.max_steps=8", *fsdp_8],
+            "half": [str(tmp_path / "run"), *run, "train.max_steps=4", *fsdp_8],
+        }
+    )
+    assert [r["status"] for r in first.values()] == ["completed", "completed"]
+    straight = first["straight"]
     resumed = train(
         tmp_path / "run", *run, "train.max_steps=8", "mesh.data=2", "mesh.fsdp=2", devices=4
     )
@@ -124,23 +153,30 @@ def test_a_mesh_that_does_not_fit_is_one_line() -> None:
         check_divisible(cfg, fsdp_3)
 
 
+@pytest.fixture(scope="module")
+def planned() -> dict[str, dict[str, Any]]:
+    """The planner's and the compiler's memory for tiny on each mesh, in one worker process.
+    The margins are float32's: under tiny's default bf16 the plan is about 0.85 of the
+    compiled footprint (XLA keeps float32 copies the planner does not count)."""
+    tiny = ["memory", "tiny", "data.batch_size=8", "model.compute_dtype=float32"]
+    return workers({name: [*tiny, *mesh] for name, mesh in MESHES.items()})
+
+
 @pytest.mark.parametrize(
     ("mesh", "low", "high"),
     [
-        (["mesh.data=8"], 0.85, 1.15),
-        (["mesh.fsdp=8", "mesh.data=1"], 0.85, 1.15),
+        ("data=8", 0.85, 1.15),
+        ("fsdp=8", 0.85, 1.15),
         # tensor parallelism splits activations the planner does not credit: it overestimates
-        (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], 1.0, 2.0),
+        ("data=2,fsdp=2,tensor=2", 1.0, 2.0),
     ],
-    ids=["data=8", "fsdp=8", "data=2,fsdp=2,tensor=2"],
+    ids=list(MESHES),
 )
 def test_the_dry_run_planner_agrees_with_the_compiled_step(
-    mesh: list[str], low: float, high: float
+    planned: dict[str, dict[str, Any]], mesh: str, low: float, high: float
 ) -> None:
     """Parameters and optimizer state exactly (within 1%, the batch and counters aside); the
     whole per-device footprint (arguments + XLA temporaries) within the stated margin."""
-    # The margins are float32's: under tiny's default bf16 the plan is about 0.85 of the
-    # compiled footprint (XLA keeps float32 copies the planner does not count).
-    result = worker("memory", "tiny", "data.batch_size=8", "model.compute_dtype=float32", *mesh)
+    result = planned[mesh]
     assert result["planned_state"] == pytest.approx(result["compiled_arguments"], rel=0.01)
     assert low <= result["planned_total"] / result["compiled_total"] <= high

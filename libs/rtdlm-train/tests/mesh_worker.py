@@ -72,9 +72,9 @@ def memory(cfg: RunConfig) -> dict[str, float]:
 def job(run_dir: str, *sets: str) -> dict[str, Any]:
     """One run on this process's devices, or with run_dir "memory", one memory comparison."""
     if run_dir == "memory":
-        model, *sets = sets
-        cfg = for_first_start(resolve(model, sets=[*sets, "metrics.enabled=false"], vocab_size=256))
-        return memory(cfg)
+        model, *overrides = sets
+        overrides.append("metrics.enabled=false")
+        return memory(for_first_start(resolve(model, sets=overrides, vocab_size=256)))
     cfg = small_config(*RUN, *sets)
     record = Record()
     data = split_documents(stdlib_documents())

@@ -1,9 +1,12 @@
 """INT8 and ONNX artifacts of small models saved as real checkpoints, through the lib's API."""
 
 import dataclasses
+import functools
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import haiku as hk
 import jax
@@ -37,12 +40,18 @@ def held_out(cfg: ModelConfig, tokens: int = 1024) -> np.ndarray:
     return quality.windows(documents, cfg.seq_len, tokens)
 
 
-def save_checkpoint(directory: Path, cfg: ModelConfig, step: int = 7, steps: int = 0) -> Path:
-    """Checkpoint `step` of a model initialised from seed `step` and trained `steps` steps."""
+@functools.cache
+def training(cfg: ModelConfig) -> tuple[Callable, Callable]:
+    """`cfg`'s init and training step, jitted once per config: one compile each, not one per
+    operation and checkpoint."""
     model = build(cfg)
-    params = model.init(jax.random.PRNGKey(step), jnp.zeros((1, 8), jnp.int32))
     optimizer = optax.adam(1e-2)
     rows = jnp.asarray(held_out(cfg, 4096))
+
+    @jax.jit
+    def init(seed: int) -> tuple[hk.Params, optax.OptState]:
+        params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))
+        return params, optimizer.init(params)
 
     @jax.jit
     def update(params: hk.Params, state: optax.OptState) -> tuple[hk.Params, optax.OptState]:
@@ -53,7 +62,13 @@ def save_checkpoint(directory: Path, cfg: ModelConfig, step: int = 7, steps: int
         updates, state = optimizer.update(jax.grad(loss)(params), state)
         return optax.apply_updates(params, updates), state
 
-    state = optimizer.init(params)
+    return init, update
+
+
+def save_checkpoint(directory: Path, cfg: ModelConfig, step: int = 7, steps: int = 0) -> Path:
+    """Checkpoint `step` of a model initialised from seed `step` and trained `steps` steps."""
+    init, update = training(cfg)
+    params, state = init(step)
     for _ in range(steps):
         params, state = update(params, state)
     with CheckpointManager(directory) as manager:
@@ -64,6 +79,30 @@ def save_checkpoint(directory: Path, cfg: ModelConfig, step: int = 7, steps: int
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     return load_checkpoint(save_checkpoint(tmp_path_factory.mktemp("run"), CFG, steps=40))
+
+
+class Exported(NamedTuple):
+    trained: Trained
+    report: onnx_export.OnnxReport
+    path: Path
+
+
+def export(trained: Trained, directory: Path) -> Exported:
+    path = directory / "onnx"
+    report = onnx_export.export_onnx(trained, held_out(trained.cfg), path, BYTES)
+    return Exported(trained, report, path)
+
+
+@pytest.fixture(scope="module")
+def tied_onnx(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """The float32 ONNX artifact of `trained`, exported once: the tests that use it only read it."""
+    return export(trained, tmp_path_factory.mktemp("tied"))
+
+
+@pytest.fixture
+def untied_scanned_onnx(tmp_path: Path) -> Exported:
+    cfg = dataclasses.replace(CFG, tie_embeddings=False, num_layers=3, scan_layers=True)
+    return export(load_checkpoint(save_checkpoint(tmp_path / "run", cfg, steps=20)), tmp_path)
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -139,32 +178,29 @@ def test_an_existing_output_is_kept_unless_forced(trained: Trained, tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    "cfg",
-    [CFG, dataclasses.replace(CFG, tie_embeddings=False, num_layers=3, scan_layers=True)],
-    ids=["tied", "untied-scanned"],
+    "exported", ["tied_onnx", "untied_scanned_onnx"], ids=["tied", "untied-scanned"]
 )
 def test_onnx_matches_the_model_and_generates_the_same_tokens(
-    cfg: ModelConfig, tmp_path: Path
+    exported: str, request: pytest.FixtureRequest
 ) -> None:
-    trained = load_checkpoint(save_checkpoint(tmp_path / "run", cfg, steps=20))
-    rows = held_out(cfg)
-    report = onnx_export.export_onnx(trained, rows, tmp_path / "onnx", BYTES)
+    trained, report, path = request.getfixturevalue(exported)
+    cfg = trained.cfg
     assert max(report.max_abs_diff.values()) <= 1e-4
     vs = report.vs_float32
     assert vs.greedy_agreement == vs.greedy_reference.size == 48  # seq 64: 16 + 48
     assert abs(vs.increase) < 1e-5
     assert len(report.checks) == 5
-    model, manifest = OnnxModel.open(tmp_path / "onnx")
+    model, manifest = OnnxModel.open(path)
     assert manifest["onnx"]["opset"] == onnx_export.OPSET and manifest["validation"]["checks"]
 
     # Dynamic axes: another batch and length than any the export checked, prefill then decode.
     tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (3, 9))
-    decoder = build_decoder(cfg)
-    logits, cache = decoder.apply(trained.params, None, jnp.asarray(tokens), init_cache(cfg, 3, 11))
+    decode = jax.jit(build_decoder(cfg).apply)  # a compile per shape, not per operation
+    logits, cache = decode(trained.params, None, jnp.asarray(tokens), init_cache(cfg, 3, 11))
     onnx_logits, onnx_cache = model.prefill(tokens)
     np.testing.assert_allclose(onnx_logits, logits, atol=1e-4)
     for token in ([[1], [2], [3]], [[4], [5], [6]]):
-        logits, cache = decoder.apply(trained.params, None, jnp.asarray(token), cache)
+        logits, cache = decode(trained.params, None, jnp.asarray(token), cache)
         onnx_logits, onnx_cache = model.step(np.asarray(token), onnx_cache)
         np.testing.assert_allclose(onnx_logits, logits, atol=1e-4)
     assert onnx_cache[0].shape == (3, cfg.num_kv_heads, 11, cfg.head_dim)
@@ -180,9 +216,9 @@ def test_onnx_matches_the_model_and_generates_the_same_tokens(
 
     # Each weight is stored once for both graphs, in the shared external data file.
     params_bytes = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(trained.params))
-    data_bytes = (tmp_path / "onnx" / onnx_export.DATA).stat().st_size
+    data_bytes = (path / onnx_export.DATA).stat().st_size
     assert 0.95 * params_bytes < data_bytes < 1.1 * params_bytes  # norm scales stay inline
-    graph = onnx.load(str(tmp_path / "onnx" / "decode.onnx"), load_external_data=False)
+    graph = onnx.load(str(path / "decode.onnx"), load_external_data=False)
     assert {i.name for i in graph.graph.input} >= {"input_ids", "past_key.0", "past_value.1"}
     props = {p.key: p.value for p in graph.metadata_props}  # the graph file names its model too
     assert json.loads(props["rtdlm.model_config"]) == dataclasses.asdict(cfg)
@@ -214,16 +250,14 @@ def test_mixture_of_experts_is_refused_clearly(tmp_path: Path) -> None:
 
 
 def test_verify_refuses_an_artifact_of_another_model_or_other_weights(
-    trained: Trained, tmp_path: Path
+    tied_onnx: Exported, tmp_path: Path
 ) -> None:
+    trained, _, path = tied_onnx
     rows = held_out(CFG)
-    onnx_export.export_onnx(trained, rows, tmp_path / "onnx", BYTES)
-    assert (
-        onnx_export.verify_onnx(tmp_path / "onnx", trained, rows).vs_float32.greedy_agreement == 48
-    )
+    assert onnx_export.verify_onnx(path, trained, rows).vs_float32.greedy_agreement == 48
     wider = load_checkpoint(save_checkpoint(tmp_path / "wide", dataclasses.replace(CFG, d_ff=64)))
     with pytest.raises(ExportError, match=r"another model config .*d_ff: None vs 64"):
-        onnx_export.verify_onnx(tmp_path / "onnx", wider, rows)
+        onnx_export.verify_onnx(path, wider, rows)
     other = load_checkpoint(save_checkpoint(tmp_path / "other", CFG, step=8))
     with pytest.raises(ExportError, match=r"exported from other weights \(step 7 of .*step 8"):
-        onnx_export.verify_onnx(tmp_path / "onnx", other, rows)
+        onnx_export.verify_onnx(path, other, rows)

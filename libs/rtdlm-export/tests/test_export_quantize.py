@@ -1,3 +1,4 @@
+import functools
 from dataclasses import replace
 
 import haiku as hk
@@ -69,8 +70,10 @@ CONFIGS = {
 }
 
 
+@functools.cache
 def init(cfg: ModelConfig) -> hk.Params:
-    params = build(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    """Jitted (one compile, not one per operation) and once per config: tests only read it."""
+    params = jax.jit(build(cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
     return jax.tree_util.tree_map(np.asarray, params)
 
 
@@ -102,9 +105,9 @@ def test_the_model_runs_int8_parameters_as_their_float_values(name: str) -> None
     cfg = CONFIGS[name]
     quantized = quantize(init(cfg))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
-    model = build(cfg)
-    int8_logits = model.apply(quantized, None, tokens)
-    float_logits = model.apply(dequantize(quantized), None, tokens)
+    apply = jax.jit(build(cfg).apply)  # one compile per parameter layout, not per operation
+    int8_logits = apply(quantized, None, tokens)
+    float_logits = apply(dequantize(quantized), None, tokens)
     np.testing.assert_allclose(int8_logits, float_logits, atol=1e-4)
     key = jax.random.PRNGKey(1)
     a = generate(quantized, tokens[:, :4], key, cfg=cfg, max_new_tokens=8, temperature=0.0)

@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -51,17 +52,42 @@ def dense_causal_attention(
 
 def qkv(
     seed: int, batch: int, time: int, heads: int, kv_heads: int, head_dim: int, dtype: Any
-) -> list[jax.Array]:
-    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+) -> list[np.ndarray]:
+    # Drawn by numpy: jax.random compiles a program per shape, each slower than the test.
+    rng = np.random.default_rng(seed)
     shapes = [(batch, time, heads, head_dim)] + [(batch, time, kv_heads, head_dim)] * 2
-    return [
-        jax.random.normal(k, s, jnp.float32).astype(dtype)
-        for k, s in zip(keys, shapes, strict=False)
-    ]
+    return [rng.normal(size=s).astype(np.float32).astype(dtype) for s in shapes]
 
 
 def squared_sum(attention: Attention) -> Attention:
     return lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32) ** 2)
+
+
+def squared_sum_value_and_grads(
+    attention: Attention, q: jax.Array, k: jax.Array, v: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """attention(q, k, v) and the gradients of its squared sum, for one jitted computation."""
+    return attention(q, k, v), jax.grad(squared_sum(attention), argnums=(0, 1, 2))(q, k, v)
+
+
+@jax.jit
+def dense_value_and_grads(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def dense(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return dense_causal_attention(q, k, v, segment_ids)
+
+    return squared_sum_value_and_grads(dense, q, k, v)
+
+
+@functools.partial(jax.jit, static_argnames="block")
+def blocked_value_and_grads(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    def blocked(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return blocked_causal_attention(q, k, v, segment_ids, block)
+
+    return squared_sum_value_and_grads(blocked, q, k, v)
 
 
 @settings(max_examples=8, deadline=None)
@@ -79,39 +105,31 @@ def test_blocked_attention_matches_dense_values_and_gradients(
 ) -> None:
     q, k, v = qkv(seed, batch, time, kv_heads * group, kv_heads, head_dim, jnp.float32)
     segments = jnp.asarray(packed_segments(np.random.default_rng(seed), batch, time))
-
-    def blocked(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return blocked_causal_attention(q, k, v, segments, block)
-
-    def dense(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return dense_causal_attention(q, k, v, segments)
-
-    np.testing.assert_allclose(jax.jit(blocked)(q, k, v), dense(q, k, v), atol=2e-6, rtol=2e-5)
-    grads = jax.jit(jax.grad(squared_sum(blocked), argnums=(0, 1, 2)))(q, k, v)
-    expected = jax.grad(squared_sum(dense), argnums=(0, 1, 2))(q, k, v)
+    out, grads = blocked_value_and_grads(q, k, v, segments, block)
+    expected_out, expected = dense_value_and_grads(q, k, v, segments)
+    np.testing.assert_allclose(out, expected_out, atol=2e-6, rtol=2e-5)
     for got, want in zip(grads, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4)
 
 
+BFLOAT16_QKV = qkv(0, 2, 64, 4, 2, 64, jnp.bfloat16)
+BFLOAT16_SEGMENTS = jnp.asarray(packed_segments(np.random.default_rng(0), 2, 64))
+
+
+@functools.cache
+def float32_reference() -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Dense attention and its gradients on BFLOAT16_QKV's values in float32, shared by every
+    block size."""
+    f32 = [a.astype(jnp.float32) for a in BFLOAT16_QKV]
+    return dense_value_and_grads(*f32, BFLOAT16_SEGMENTS)
+
+
 @pytest.mark.parametrize("block", [16, 32, 64])  # four query blocks, two, one
 def test_blocked_attention_in_bfloat16_stays_close_to_float32(block: int) -> None:
-    q, k, v = qkv(0, 2, 64, 4, 2, 64, jnp.bfloat16)
-    segments = jnp.asarray(packed_segments(np.random.default_rng(0), 2, 64))
-
-    def blocked(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return blocked_causal_attention(q, k, v, segments, block)
-
-    out = jax.jit(blocked)(q, k, v)
+    out, grads = blocked_value_and_grads(*BFLOAT16_QKV, BFLOAT16_SEGMENTS, block)
+    reference, expected = float32_reference()
     assert out.dtype == jnp.bfloat16
-    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
-    reference = dense_causal_attention(f32[0], f32[1], f32[2], segments)
     np.testing.assert_allclose(out.astype(jnp.float32), reference, atol=3e-2)
-    grads = jax.jit(jax.grad(squared_sum(blocked), argnums=(0, 1, 2)))(q, k, v)
-
-    def dense(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return dense_causal_attention(q, k, v, segments)
-
-    expected = jax.grad(squared_sum(dense), argnums=(0, 1, 2))(*f32)
     for got, want in zip(grads, expected, strict=True):
         assert got.dtype == jnp.bfloat16
         scale = float(jnp.max(jnp.abs(want)))
@@ -119,22 +137,30 @@ def test_blocked_attention_in_bfloat16_stays_close_to_float32(block: int) -> Non
 
 
 def test_model_logits_and_gradients_are_the_same_blocked_or_dense() -> None:
-    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, SMALL.seq_len), 0, SMALL.vocab_size)
-    segments = jnp.asarray(packed_segments(np.random.default_rng(1), 2, SMALL.seq_len))
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, SMALL.vocab_size, (2, SMALL.seq_len)).astype(np.int32)
+    segments = jnp.asarray(packed_segments(rng, 2, SMALL.seq_len))
     blocked = build(dataclasses.replace(SMALL, attention="blocked", attention_block=4))
     dense = build(dataclasses.replace(SMALL, attention="xla"))
-    params = blocked.init(jax.random.PRNGKey(0), tokens)
-    for segment_ids in (None, segments):
-        np.testing.assert_allclose(
-            jax.jit(blocked.apply)(params, None, tokens, segment_ids),
-            jax.jit(dense.apply)(params, None, tokens, segment_ids),
-            atol=1e-5,
-        )
+    params = jax.jit(blocked.init)(jax.random.PRNGKey(0), tokens)
 
-    def loss(model: hk.Transformed) -> Callable[[hk.Params], jax.Array]:
-        return lambda p: jnp.mean(model.apply(p, None, tokens, segments) ** 2)
+    @functools.partial(jax.jit, static_argnums=0)
+    def logits_and_grads(
+        model: hk.Transformed, params: hk.Params
+    ) -> tuple[jax.Array, jax.Array, hk.Params]:
+        """Logits unpacked and packed, and the packed loss's gradients: one compile a model."""
 
-    got, want = jax.jit(jax.grad(loss(blocked)))(params), jax.jit(jax.grad(loss(dense)))(params)
+        def loss(p: hk.Params) -> tuple[jax.Array, jax.Array]:
+            logits = model.apply(p, None, tokens, segments)
+            return jnp.mean(logits**2), logits
+
+        grads, packed = jax.grad(loss, has_aux=True)(params)
+        return model.apply(params, None, tokens), packed, grads
+
+    *got_logits, got = logits_and_grads(blocked, params)
+    *want_logits, want = logits_and_grads(dense, params)
+    for a, b in zip(got_logits, want_logits, strict=True):  # segment_ids None, then packed
+        np.testing.assert_allclose(a, b, atol=1e-5)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
@@ -161,21 +187,28 @@ def test_every_training_dot_in_bfloat16_reads_bfloat16() -> None:
     cfg = dataclasses.replace(SMALL, compute_dtype="bfloat16", attention_block=4)
     model = build(cfg)
     tokens = jnp.zeros((2, cfg.seq_len), jnp.int32)
-    params = model.init(jax.random.PRNGKey(0), tokens)
+    # The jaxpr depends on the parameters' shapes and dtypes only: no need to compute them.
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
     segments = jnp.ones_like(tokens)
     grad = jax.grad(lambda p: jnp.mean(model.apply(p, None, tokens, segments)))
     assert dot_operand_dtypes(grad, params) == {("bfloat16", "bfloat16")}
 
 
+def sin_loss(product: Callable[..., jax.Array], x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.sin(product(x, w).astype(jnp.float32)))
+
+
+# Jitted once for the module: each new shape or dtype compiles once, not once per operation.
+dot_grads = jax.jit(jax.grad(functools.partial(sin_loss, dot), (0, 1)))
+jnp_dot_grads = jax.jit(jax.grad(functools.partial(sin_loss, jnp.dot), (0, 1)))
+
+
 def test_low_precision_dot_gradients_follow_float32() -> None:
-    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 16))
-    w = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
-
-    def loss(x: jax.Array, w: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.sin(dot(x, w).astype(jnp.float32)))
-
-    dx, dw = jax.grad(loss, (0, 1))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-    want_dx, want_dw = jax.grad(loss, (0, 1))(x, w)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5, 16)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(16, 8)).astype(np.float32))
+    dx, dw = dot_grads(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    want_dx, want_dw = dot_grads(x, w)
     assert dx.dtype == dw.dtype == jnp.bfloat16
     np.testing.assert_allclose(dx.astype(jnp.float32), want_dx, atol=0.15)
     np.testing.assert_allclose(dw.astype(jnp.float32), want_dw, atol=0.3)
@@ -188,16 +221,10 @@ def test_low_precision_dot_gradients_follow_float32() -> None:
 def test_float32_dot_gradients_are_autodiffs(sizes: tuple[int, int], seed: int) -> None:
     """The written-out weight gradient (either operand transposed) is autodiff's x.T @ g."""
     d_in, d_out = sizes
-    keys = jax.random.split(jax.random.PRNGKey(seed), 2)
-    x = jax.random.normal(keys[0], (3, 5, d_in))
-    w = jax.random.normal(keys[1], (d_in, d_out))
-
-    def loss(product: Callable[..., jax.Array], x: jax.Array, w: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.sin(product(x, w)))
-
-    got = jax.jit(jax.grad(lambda x, w: loss(dot, x, w), (0, 1)))(x, w)
-    want = jax.jit(jax.grad(lambda x, w: loss(jnp.dot, x, w), (0, 1)))(x, w)
-    for g, e in zip(got, want, strict=True):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(3, 5, d_in)).astype(np.float32)
+    w = rng.normal(size=(d_in, d_out)).astype(np.float32)
+    for g, e in zip(dot_grads(x, w), jnp_dot_grads(x, w), strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 

@@ -7,12 +7,15 @@ from rtdlm.model import ModelConfig, build, build_decoder, generate, init_cache,
 
 CFG = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=24, vocab_size=50)
 MODEL = build(CFG)
-PARAMS = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+# Jitted: one compile per shape instead of one per operation.
+PARAMS = jax.jit(MODEL.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 50, size=(3, 16)), jnp.int32)
+full_forward = jax.jit(MODEL.apply)
+sample_jitted = jax.jit(sample, static_argnames=("temperature", "top_k", "top_p"))
 
 
 def test_cached_decoding_equals_the_full_forward_at_every_position() -> None:
-    full = MODEL.apply(PARAMS, None, TOKENS)
+    full = full_forward(PARAMS, None, TOKENS)
     decoder = build_decoder(CFG)
     step = jax.jit(lambda tokens, cache: decoder.apply(PARAMS, None, tokens, cache))
     prefill, cache = step(TOKENS[:, :5], init_cache(CFG, 3, 16))
@@ -25,12 +28,18 @@ def test_cached_decoding_equals_the_full_forward_at_every_position() -> None:
     np.testing.assert_allclose(jnp.concatenate(cached, axis=1), full, atol=1e-5, rtol=1e-5)
 
 
-def greedy_by_full_forward(prompt: jax.Array, steps: int) -> jax.Array:
-    tokens = prompt
+def greedy_by_full_forward(prompt: jax.Array, steps: int) -> np.ndarray:
+    """Each step reruns the full forward over every token so far, in a buffer of TOKENS' length
+    so that it reuses one compile: the model is causal, so the zeros past the tokens so far
+    never change their logits."""
+    tokens = np.zeros((prompt.shape[0], TOKENS.shape[1]), np.int32)
+    length = prompt.shape[1]
+    tokens[:, :length] = prompt
     for _ in range(steps):
-        next_token = jnp.argmax(MODEL.apply(PARAMS, None, tokens)[:, -1], axis=-1)
-        tokens = jnp.concatenate([tokens, next_token[:, None]], axis=1)
-    return tokens[:, prompt.shape[1] :]
+        logits = np.asarray(full_forward(PARAMS, None, jnp.asarray(tokens)))
+        tokens[:, length] = np.argmax(logits[:, length - 1], axis=-1)
+        length += 1
+    return tokens[:, prompt.shape[1] : length]
 
 
 def test_greedy_generation_matches_recomputing_everything() -> None:
@@ -84,7 +93,8 @@ def test_top_k_never_samples_outside_the_top_k() -> None:
     logits = jnp.asarray(np.random.default_rng(5).normal(size=(64, 50)), jnp.float32)
     allowed = jax.lax.top_k(logits, 3)[1]
     for seed in range(5):
-        tokens = sample(logits, jax.random.PRNGKey(seed), temperature=1.0, top_k=3, top_p=1.0)
+        key = jax.random.PRNGKey(seed)
+        tokens = sample_jitted(logits, key, temperature=1.0, top_k=3, top_p=1.0)
         assert (tokens[:, None] == allowed).any(axis=1).all()
 
 
@@ -94,7 +104,7 @@ def test_top_p_keeps_the_smallest_set_whose_mass_reaches_p() -> None:
     probs = np.array([0.5, 0.3, 0.15, 0.05])
     logits = jnp.asarray(np.log(np.tile(probs, (4000, 1))), jnp.float32)
     for top_p, kept in ((0.6, 2), (0.9, 3)):
-        tokens = np.asarray(sample(logits, jax.random.PRNGKey(7), 1.0, None, top_p))
+        tokens = np.asarray(sample_jitted(logits, jax.random.PRNGKey(7), 1.0, None, top_p))
         counts = np.bincount(tokens, minlength=4)
         assert counts[kept:].sum() == 0 and (counts[:kept] > 0).all()
         expected = probs[:kept] / probs[:kept].sum() * len(tokens)

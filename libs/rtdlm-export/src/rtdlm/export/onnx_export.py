@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
@@ -126,11 +127,11 @@ def _parity(model: OnnxModel, trained: Trained, rows: np.ndarray) -> dict[str, f
     batch, time = 2, min(cfg.seq_len - 1, 24)
     tokens = rng.integers(0, cfg.vocab_size, (batch, time))
     step_tokens = rng.integers(0, cfg.vocab_size, (batch, 1))
-    decoder = build_decoder(cfg)
-    logits, cache = decoder.apply(
+    decode = jax.jit(build_decoder(cfg).apply)  # one compile per shape, not one per operation
+    logits, cache = decode(
         params, None, jnp.asarray(tokens, jnp.int32), init_cache(cfg, batch, time + 1)
     )
-    step_logits, _ = decoder.apply(params, None, jnp.asarray(step_tokens, jnp.int32), cache)
+    step_logits, _ = decode(params, None, jnp.asarray(step_tokens, jnp.int32), cache)
     onnx_logits, onnx_cache = model.prefill(tokens)
     onnx_step, _ = model.step(step_tokens, onnx_cache)
     # rtdlm.model's cache is [layers, batch, max_len, kv_heads, head_dim]; ONNX's, per layer

@@ -3,6 +3,7 @@ way for every runtime (JAX float32, JAX INT8, ONNX Runtime float32 and INT8)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -111,8 +112,14 @@ class Comparison:
 
 def jax_logits(cfg: ModelConfig, params: Params) -> Logits:
     """The JAX model's logits, float or INT8 parameters alike."""
-    apply = jax.jit(build(cfg).apply)
+    apply = _jitted_apply(cfg)
     return lambda tokens: np.asarray(apply(params, None, jnp.asarray(tokens, jnp.int32)))
+
+
+@functools.cache
+def _jitted_apply(cfg: ModelConfig) -> Callable[..., jax.Array]:
+    """One jitted forward per config, so each check of an export reuses its compiles."""
+    return jax.jit(build(cfg).apply)
 
 
 def jax_perplexity(cfg: ModelConfig, params: Params, rows: np.ndarray) -> Perplexity:

@@ -102,7 +102,8 @@ def peak_flops(
     configured: float | None = None, device: jax.Device | None = None, dtype: str = "float32"
 ) -> Peak:
     """The configured peak, else the table's for a known accelerator, else `measure_peak` of
-    the compute dtype (so bf16 training is not held to the float32 ceiling alone)."""
+    the compute dtype (so bf16 training is not held to the float32 ceiling alone), measured
+    once per process and dtype: the probes take seconds and the ceiling does not move."""
     if configured is not None:
         if configured <= 0:
             raise ValueError(f"peak FLOP/s must be positive, got {configured}")
@@ -110,6 +111,11 @@ def peak_flops(
     device = device or jax.local_devices()[0]
     if (known := peak_from_table(device.device_kind)) is not None:
         return known
+    return _measured_peak(dtype)
+
+
+@functools.cache
+def _measured_peak(dtype: str) -> Peak:
     return measure_peak(dtype)
 
 

@@ -59,6 +59,16 @@ def test_all_zero_channel_is_exact() -> None:
     np.testing.assert_array_equal(dequantize_tensor(quantize_tensor(w)), w)
 
 
+def test_a_channel_of_subnormals_quantizes_to_zeros_without_warnings() -> None:
+    """max_abs / 127 underflows to 0 for the tiniest subnormals: no division by it."""
+    w = np.array([[1e-45, 0.5], [-1e-45, -0.25]], np.float32)  # channel 0: the smallest subnormal
+    with np.errstate(divide="raise", invalid="raise"):
+        q = quantize_tensor(w)
+    np.testing.assert_array_equal(q.values[:, 0], [0, 0])
+    assert np.isfinite(dequantize_tensor(q)).all()
+    assert np.abs(dequantize_tensor(q) - w)[:, 1].max() <= q.scale[0, 1] / 2
+
+
 DENSE = ModelConfig(
     d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=16, vocab_size=64
 )

@@ -36,8 +36,9 @@ def quantize_tensor(w: np.ndarray, axis: int = -2) -> QuantizedTensor:
     """Symmetric INT8 with one scale per slice along every axis but `axis` (the contraction
     axis of a [..., in, out] weight: one scale per output channel, layer and expert)."""
     w = np.asarray(w, np.float32)
-    max_abs = np.abs(w).max(axis=axis, keepdims=True)
-    scale = np.where(max_abs > 0, max_abs / 127.0, 1.0).astype(np.float32)
+    step = np.abs(w).max(axis=axis, keepdims=True) / np.float32(127.0)
+    # A slice of zeros, or of subnormals whose step underflows to 0, quantizes to zeros.
+    scale = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)
     values = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
     return QuantizedTensor(values, scale)
 

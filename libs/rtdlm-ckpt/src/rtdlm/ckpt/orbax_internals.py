@@ -21,11 +21,10 @@ from typing import Any, Protocol
 
 import orbax.checkpoint as ocp
 
-# (object it hangs off, attribute path): what check() requires of an async CheckpointManager.
-_REQUIRED = (
-    ("CheckpointManager", "_maybe_await_cleanup_tmp_directory"),
-    ("CheckpointManager", "_checkpointer._async_manager._commit_futures"),
-)
+# Attribute paths on an async orbax CheckpointManager; check() requires each.
+_CLEANUP = "_maybe_await_cleanup_tmp_directory"
+_FUTURES = "_checkpointer._async_manager._commit_futures"
+_GONE = object()
 
 
 class Write(Protocol):
@@ -42,29 +41,30 @@ class OrbaxInternalsChanged(RuntimeError):
 
 def await_tmp_cleanup(manager: ocp.CheckpointManager) -> None:
     """Waits for orbax's background removal of interrupted saves' temporary directories."""
-    wait = getattr(manager, "_maybe_await_cleanup_tmp_directory", None)
+    wait = _lookup(manager, _CLEANUP)
     if callable(wait):
         wait()
 
 
 def commit_futures(manager: ocp.CheckpointManager) -> list[Write]:
     """The writes of the async save in flight (empty when none, or where orbax moved them)."""
-    found = _lookup(manager, _REQUIRED[1][1])
+    found = _lookup(manager, _FUTURES)
     return [] if found is _GONE or not found else list(found)
 
 
 def check(manager: ocp.CheckpointManager) -> None:
     """Raises OrbaxInternalsChanged naming each private attribute that `manager` (an async
     orbax CheckpointManager) no longer has."""
-    missing = [f"{owner}.{path}" for owner, path in _REQUIRED if _lookup(manager, path) is _GONE]
+    missing = [
+        f"CheckpointManager.{path}"
+        for path in (_CLEANUP, _FUTURES)
+        if _lookup(manager, path) is _GONE
+    ]
     if missing:
         raise OrbaxInternalsChanged(
             f"orbax-checkpoint {ocp.__version__} has no {', '.join(missing)}: update "
             "rtdlm/ckpt/orbax_internals.py for this release (or pin the previous one)"
         )
-
-
-_GONE = object()
 
 
 def _lookup(obj: object, path: str) -> Any:

@@ -44,9 +44,10 @@ def tool() -> Callable[[str], str]:
 
 # The run the app tests train unless a test needs another: the tiny preset at one layer of d_model
 # 64 on batches of 2 x 32 tokens, without the closing sample. The same shapes in every file, so
-# the test run's shared compilation cache (pants.toml) compiles each step once.
+# the test run's shared compilation cache (pants.toml) compiles each step once. A configured peak:
+# measuring one takes each trainer process seconds of matmuls, and MFU is the metrics tests' job.
 SMALL_RUN = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--sample-tokens", "0"]
-SMALL_RUN += ["--set", "model.num_layers=1", "--set", "model.d_model=64"]
+SMALL_RUN += ["--set", "model.num_layers=1", "--set", "model.d_model=64", "--peak-flops", "1e12"]
 
 
 def free_port() -> int:

@@ -47,28 +47,37 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
 
 
-def test_two_processes_train_the_same_curve_as_one(tmp_path: Path) -> None:
+LAST = 24
+STEPS = ["--max-steps", str(LAST), "--checkpoint-every", "8", "--heartbeat-timeout", "5"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """An uninterrupted two-process run, and what each process printed."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    return run_dir, finish(pair(run_dir, *STEPS))
+
+
+def test_two_processes_train_the_same_curve_as_one(
+    tmp_path: Path, straight: tuple[Path, list[str]]
+) -> None:
     """The same global batch of 4, as 2 rows on each of 2 processes or 4 rows on one."""
-    steps = ["--max-steps", "6", "--checkpoint-every", "3"]
-    out0, out1 = finish(pair(tmp_path / "two", *steps))
-    finish([start(tmp_path / "one", *steps)])
-    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert list(two) == [1, 2, 3, 4, 5, 6]
+    two_dir, (out0, out1) = straight
+    finish([start(tmp_path / "one", *STEPS)])
+    two, one = losses(two_dir), losses(tmp_path / "one")
+    assert list(two) == list(range(1, LAST + 1))
     assert list(two.values()) == pytest.approx(list(one.values()), rel=1e-5)
-    assert "[process 0/2] resumed" not in out0 and "done: 6 steps" in out0 + out1
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["3", "6"]
+    assert "[process 0/2] resumed" not in out0 and f"done: {LAST} steps" in out0 + out1
+    assert sorted(int(p.name) for p in (two_dir / "checkpoints").iterdir()) == [8, 16, 24]
 
 
-def test_a_lost_peer_ends_the_other_and_a_rerun_resumes_to_the_same_loss(tmp_path: Path) -> None:
-    last = 60
-    steps = ["--max-steps", str(last), "--checkpoint-every", "20", "--heartbeat-timeout", "5"]
-    straight = tmp_path / "straight"
-    finish(pair(straight, *steps))
-
+def test_a_lost_peer_ends_the_other_and_a_rerun_resumes_to_the_same_loss(
+    tmp_path: Path, straight: tuple[Path, list[str]]
+) -> None:
     run_dir = tmp_path / "run"
-    survivor, victim = pair(run_dir, *steps)
+    survivor, victim = pair(run_dir, *STEPS)
     deadline = time.monotonic() + 300
-    while len(losses(run_dir) if (run_dir / "steps.jsonl").exists() else {}) < 30:
+    while len(losses(run_dir) if (run_dir / "steps.jsonl").exists() else {}) < LAST // 2:
         assert survivor.poll() is None and time.monotonic() < deadline, survivor.communicate()
         time.sleep(0.1)
     victim.send_signal(signal.SIGKILL)
@@ -78,10 +87,10 @@ def test_a_lost_peer_ends_the_other_and_a_rerun_resumes_to_the_same_loss(tmp_pat
     assert time.monotonic() - killed_at < 5 + 15  # the heartbeat timeout, and some slack
     victim.wait()
 
-    out0, _ = finish(pair(run_dir, *steps))
+    out0, _ = finish(pair(run_dir, *STEPS))
     assert "resumed from step" in out0
-    resumed, uninterrupted = losses(run_dir), losses(straight)
-    assert resumed[last] == pytest.approx(uninterrupted[last], rel=1e-6)
+    resumed, uninterrupted = losses(run_dir), losses(straight[0])
+    assert resumed[LAST] == pytest.approx(uninterrupted[LAST], rel=1e-6)
 
 
 def test_a_coordinator_that_cannot_be_reached_is_one_line_within_the_timeout(

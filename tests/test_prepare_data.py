@@ -12,10 +12,7 @@ from rtdlm_exporter.main import main as exporter
 from rtdlm_trainer.main import main as trainer
 from rtdlm_trainer.prepare_data import main as prepare_data
 
-# The app tests' shared small run (conftest). A configured peak: MFU is not what these tests
-# check, and measuring it times matmuls of up to 2048 x 2048 at every trainer start.
 FAST = [*SMALL_RUN, "--max-steps", "3", "--eval-every", "3", "--metrics-port", "0"]
-FAST += ["--peak-flops", "1e12"]
 
 
 @pytest.fixture

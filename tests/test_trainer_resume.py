@@ -96,9 +96,9 @@ def test_sigterm_checkpoints_and_exits_143_and_resume_continues(
 
 
 def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
-    # steps of about a second, so the second signal lands while the first is being honoured
-    slow = ["--max-steps", "400", "--seq-len", "256", "--batch-size", "16"]
-    process = start(tmp_path / "run", *slow, "--set", "model.num_layers=4")
+    # steps of tenths of a second, so the second signal lands while the first is being honoured
+    slow = ["--max-steps", "400", "--seq-len", "128", "--batch-size", "192"]
+    process = start(tmp_path / "run", *slow, "--set", "model.num_layers=2")
     run_until(process, "step     2 |")
     process.send_signal(signal.SIGINT)
     run_until(process, "SIGINT: finishing this step")

@@ -6,6 +6,7 @@ float32 round-off (TOL: XLA may fuse and order the sums differently in a loop bo
 """
 
 import dataclasses
+import functools
 
 import haiku as hk
 import jax
@@ -87,18 +88,27 @@ def test_stack_and_unstack_convert_between_the_layouts_exactly(name: str) -> Non
         unstack_layers(params, cfg)
 
 
+def loss(model: hk.Transformed, p: hk.Params) -> tuple[jax.Array, tuple]:
+    logits, stats = model.apply(p, None, TOKENS, SEGMENTS)
+    value = (logits**2).mean() + 0.01 * stats.load_balance_loss + 0.001 * stats.router_z_loss
+    return value, (logits, stats)
+
+
+grad = jax.jit(jax.grad(loss, argnums=1, has_aux=True), static_argnums=0)
+
+
+@functools.cache
+def looped_grad(name: str) -> tuple[hk.Params, tuple]:
+    """The loop's gradient, logits and stats without remat: remat changes memory, not results
+    (test_model_transformer holds the loop to that), so every policy's scan is held to these."""
+    return grad(build_with_stats(CONFIGS[name]), PARAMS[name])
+
+
 @pytest.mark.parametrize("remat", ["none", "full", "dots_saveable"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_scanned_logits_stats_and_gradients_match_the_loop(name: str, remat: str) -> None:
     cfg, params = dataclasses.replace(CONFIGS[name], remat=remat), PARAMS[name]
-
-    def loss(model: hk.Transformed, p: hk.Params) -> tuple[jax.Array, tuple]:
-        logits, stats = model.apply(p, None, TOKENS, SEGMENTS)
-        value = (logits**2).mean() + 0.01 * stats.load_balance_loss + 0.001 * stats.router_z_loss
-        return value, (logits, stats)
-
-    grad = jax.jit(jax.grad(loss, argnums=1, has_aux=True), static_argnums=0)
-    looped_grads, (looped_logits, looped_stats) = grad(build_with_stats(cfg), params)
+    looped_grads, (looped_logits, looped_stats) = looped_grad(name)
     scan_grads, (scan_logits, scan_stats) = grad(
         build_with_stats(scanned(cfg)), stack_layers(params, scanned(cfg))
     )

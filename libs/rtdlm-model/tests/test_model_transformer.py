@@ -206,13 +206,13 @@ def test_swiglu_and_its_gradient_are_the_plain_formulas(
 def test_remat_changes_memory_not_results(remat: str) -> None:
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, size=(2, 16)), jnp.int32)
     plain, checkpointed = build(SMALL), build(ModelConfig(**{**SMALL.__dict__, "remat": remat}))
-    params = plain.init(jax.random.PRNGKey(0), tokens)
+    params = jax.jit(plain.init)(jax.random.PRNGKey(0), tokens)
 
     def loss(model: hk.Transformed, p: hk.Params) -> jax.Array:
         return model.apply(p, None, tokens).mean()
 
-    grads = jax.grad(lambda p: loss(plain, p))(params)
-    grads_remat = jax.grad(lambda p: loss(checkpointed, p))(params)
+    grads = jax.jit(jax.grad(lambda p: loss(plain, p)))(params)
+    grads_remat = jax.jit(jax.grad(lambda p: loss(checkpointed, p)))(params)
     for a, b in zip(
         jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_remat), strict=True
     ):

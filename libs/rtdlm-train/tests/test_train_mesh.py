@@ -45,37 +45,45 @@ def workers(jobs: dict[str, list[str]], devices: int = 8) -> dict[str, dict[str,
     return dict(zip(jobs, worker(json.dumps(list(jobs.values())), devices=devices), strict=True))
 
 
-def train(run_dir: Path, *sets: str, devices: int = 8) -> dict[str, Any]:
-    result = worker(str(run_dir), *sets, devices=devices)
-    assert result["status"] == "completed" and result["devices"] == devices
-    return result
-
-
 def losses(result: dict[str, Any]) -> list[float]:
     return [result["losses"][str(step)] for step in sorted(map(int, result["losses"]))]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return train(tmp_path_factory.mktemp("single"), "train.max_steps=4", devices=1)
-
-
+FSDP_8 = ["mesh.fsdp=8", "mesh.data=1"]
 MESHES = {
     "data=8": ["mesh.data=8"],
-    "fsdp=8": ["mesh.fsdp=8", "mesh.data=1"],
+    "fsdp=8": FSDP_8,
     "data=2,fsdp=2,tensor=2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
 }
+MOE = ["model.moe_every=2", "model.num_experts=4", "train.max_steps=4"]
+
+
+# The planner's and the compiler's memory for the same step as the runs'. The margins are
+# float32's: under bf16 the plan is about 0.85 of the compiled footprint (XLA keeps float32
+# copies the planner does not count).
+PLANNED = ["memory", "train.max_steps=4"]
 
 
 @pytest.fixture(scope="module")
-def meshes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """Four steps on each mesh, every run in one worker process."""
-    root = tmp_path_factory.mktemp("meshes")
-    jobs = {name: [str(root / name), "train.max_steps=4", *mesh] for name, mesh in MESHES.items()}
-    results = workers(jobs)
-    for result in results.values():
-        assert result["status"] == "completed" and result["devices"] == 8
-    return results
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def runs(root: Path) -> dict[str, dict[str, Any]]:
+    """Every run and memory plan the tests compare, in one worker process per device count (a
+    JAX start and the data read once for each): 4 steps on 1 device, and on 8 under each mesh."""
+    one = {"single": [str(root / "single"), "train.max_steps=4"]}
+    one["moe alone"] = [str(root / "moe alone"), *MOE]
+    eight = {name: [str(root / name), "train.max_steps=4", *mesh] for name, mesh in MESHES.items()}
+    eight["moe split"] = [str(root / "moe split"), *MOE, "mesh.data=4", "mesh.expert=2"]
+    eight["fsdp=8 straight"] = [str(root / "fsdp=8 straight"), "train.max_steps=8", *FSDP_8]
+    plans = {f"plan {name}": [*PLANNED, *mesh] for name, mesh in MESHES.items()}
+    trained = {**workers(one, devices=1), **workers({**eight, **plans})}
+    for name in [*one, *eight]:
+        assert trained[name]["status"] == "completed", name
+        assert trained[name]["devices"] == (8 if name in eight else 1), name
+    return trained
 
 
 @pytest.mark.parametrize(
@@ -88,14 +96,13 @@ def meshes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]
     ids=list(MESHES),
 )
 def test_every_mesh_trains_the_same_losses_with_the_rules_layout(
-    meshes: dict[str, dict[str, Any]],
-    single: dict[str, Any],
+    runs: dict[str, dict[str, Any]],
     mesh: str,
     query_shard: list[int],
     gate_shard: list[int],
     embed_shard: list[int],
 ) -> None:
-    result = meshes[mesh]
+    result, single = runs[mesh], runs["single"]
     assert losses(result) == pytest.approx(losses(single), rel=RTOL)
     assert result["evals"]["4"] == pytest.approx(single["evals"]["4"], rel=RTOL)
     assert result["shards"]["block_0/attn/query/w"] == query_shard  # [embed, heads]
@@ -104,31 +111,24 @@ def test_every_mesh_trains_the_same_losses_with_the_rules_layout(
     assert result["shards"]["block_0/attn_norm/scale"] == [32]  # replicated
 
 
-def test_experts_split_over_the_expert_axis_train_the_same_losses(tmp_path: Path) -> None:
-    moe = ["model.moe_every=2", "model.num_experts=4", "train.max_steps=4"]
-    alone = train(tmp_path / "one", *moe, devices=1)
-    split = train(tmp_path / "split", *moe, "mesh.data=4", "mesh.expert=2")
-    assert losses(split) == pytest.approx(losses(alone), rel=RTOL)
+def test_experts_split_over_the_expert_axis_train_the_same_losses(
+    runs: dict[str, dict[str, Any]],
+) -> None:
+    split = runs["moe split"]
+    assert losses(split) == pytest.approx(losses(runs["moe alone"]), rel=RTOL)
     assert split["shards"]["block_1/moe/w_gate"] == [2, 32, 64]  # [expert, embed, mlp]
     assert split["shards"]["block_1/moe/router/w"] == [32, 4]
 
 
-def test_a_run_saved_as_fsdp_8_resumes_on_4_devices_as_data_2_fsdp_2(tmp_path: Path) -> None:
-    run = ["optimizer.decay_steps=8", "train.checkpoint_every=4"]
-    fsdp_8 = ["mesh.fsdp=8", "mesh.data=1"]
-    first = workers(  # in one process
-        {
-            "straight": [str(tmp_path / "straight"), "train.max_steps=8", *fsdp_8],
-            "half": [str(tmp_path / "run"), *run, "train.max_steps=4", *fsdp_8],
-        }
-    )
-    assert [r["status"] for r in first.values()] == ["completed", "completed"]
-    straight = first["straight"]
-    resumed = train(
-        tmp_path / "run", *run, "train.max_steps=8", "mesh.data=2", "mesh.fsdp=2", devices=4
-    )
+def test_a_run_saved_as_fsdp_8_resumes_on_4_devices_as_data_2_fsdp_2(
+    runs: dict[str, dict[str, Any]], root: Path
+) -> None:
+    """The fsdp=8 run's final checkpoint (step 4 of the 8 its schedule spans), resumed."""
+    to_8 = ["train.max_steps=8", "mesh.data=2", "mesh.fsdp=2"]
+    resumed = worker(str(root / "fsdp=8"), *to_8, devices=4)
+    assert resumed["status"] == "completed" and resumed["devices"] == 4
     assert sorted(map(int, resumed["losses"])) == [5, 6, 7, 8]
-    assert losses(resumed) == pytest.approx(losses(straight)[4:], rel=RTOL)
+    assert losses(resumed) == pytest.approx(losses(runs["fsdp=8 straight"])[4:], rel=RTOL)
     assert resumed["shards"]["block_0/attn/query/w"] == [16, 32]
 
 
@@ -153,15 +153,6 @@ def test_a_mesh_that_does_not_fit_is_one_line() -> None:
         check_divisible(cfg, fsdp_3)
 
 
-@pytest.fixture(scope="module")
-def planned() -> dict[str, dict[str, Any]]:
-    """The planner's and the compiler's memory for tiny on each mesh, in one worker process.
-    The margins are float32's: under tiny's default bf16 the plan is about 0.85 of the
-    compiled footprint (XLA keeps float32 copies the planner does not count)."""
-    tiny = ["memory", "tiny", "data.batch_size=8", "model.compute_dtype=float32"]
-    return workers({name: [*tiny, *mesh] for name, mesh in MESHES.items()})
-
-
 @pytest.mark.parametrize(
     ("mesh", "low", "high"),
     [
@@ -173,10 +164,10 @@ def planned() -> dict[str, dict[str, Any]]:
     ids=list(MESHES),
 )
 def test_the_dry_run_planner_agrees_with_the_compiled_step(
-    planned: dict[str, dict[str, Any]], mesh: str, low: float, high: float
+    runs: dict[str, dict[str, Any]], mesh: str, low: float, high: float
 ) -> None:
     """Parameters and optimizer state exactly (within 1%, the batch and counters aside); the
     whole per-device footprint (arguments + XLA temporaries) within the stated margin."""
-    result = planned[mesh]
+    result = runs[f"plan {mesh}"]
     assert result["planned_state"] == pytest.approx(result["compiled_arguments"], rel=0.01)
     assert low <= result["planned_total"] / result["compiled_total"] <= high

@@ -23,6 +23,8 @@ probe_forbidden() {  # FILE IMPORT: Pants must refuse FILE importing IMPORT.
 }
 
 probe_forbidden libs/rtdlm-model/src/rtdlm/model/_probe_forbidden.py rtdlm.train
+probe_forbidden libs/rtdlm-data/src/rtdlm/data/_probe_forbidden.py rtdlm.model
 probe_forbidden libs/rtdlm-ckpt/src/rtdlm/ckpt/_probe_forbidden.py rtdlm.model
 probe_forbidden libs/rtdlm-export/src/rtdlm/export/_probe_forbidden.py rtdlm.train
+probe_forbidden apps/exporter/src/rtdlm_exporter/_probe_forbidden.py rtdlm.train
 probe_forbidden libs/rtdlm-train/src/rtdlm/train/_probe_forbidden.py rtdlm_trainer.main

@@ -25,9 +25,10 @@ from conftest import free_port
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from rtdlm.data import BYTE_VOCAB_SIZE
+from rtdlm.data.corpus import split_documents, stdlib_documents
 from rtdlm.metrics import Peak, PrometheusTrainingCallback, start_server
 from rtdlm.train import (
-    BYTE_VOCAB_SIZE,
     Callback,
     CheckpointLog,
     EvalLog,
@@ -37,7 +38,6 @@ from rtdlm.train import (
     Trainer,
     resolve,
 )
-from rtdlm.train.data import split_documents, stdlib_documents
 
 MONITORING = Path("infra/monitoring")
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_RUN
 
-from rtdlm.train.data import stdlib_documents
+from rtdlm.data.corpus import stdlib_documents
 from rtdlm_exporter.main import main as exporter
 from rtdlm_trainer.main import main as trainer
 from rtdlm_trainer.prepare_data import main as prepare_data

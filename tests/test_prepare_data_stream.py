@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from rtdlm.train.data import stdlib_documents
-from rtdlm.train.pipeline import Prefetch, packed_batches
-from rtdlm.train.shards import DataError, open_split, read_index
+from rtdlm.data.corpus import stdlib_documents
+from rtdlm.data.pipeline import Prefetch, packed_batches
+from rtdlm.data.shards import DataError, open_split, read_index
 from rtdlm_trainer.prepare_data import main as prepare_data
 
 LIMITED = """
@@ -30,7 +30,7 @@ def vm(key):
 
 
 headroom, argv = int(sys.argv[1]), sys.argv[2:]
-baseline = vm("VmSize")  # after the imports (numpy, and jax through rtdlm.train)
+baseline = vm("VmSize")  # after the imports
 _, hard = resource.getrlimit(resource.RLIMIT_AS)
 resource.setrlimit(resource.RLIMIT_AS, (baseline + headroom, hard))
 try:

@@ -36,13 +36,13 @@ import optax
 import orbax.checkpoint as ocp
 
 from rtdlm.ckpt import CheckpointManager
+from rtdlm.data.corpus import split_documents, stdlib_documents
+from rtdlm.data.pipeline import Prefetch, packed_batches
 from rtdlm.metrics import best_seconds, measure_matmul_flops, measure_peak, utilization
 from rtdlm.model import build, build_with_stats, flops_per_token, generate
 from rtdlm.train import Batch, host, resolve
 from rtdlm.train.config import RunConfig, for_first_start
-from rtdlm.train.data import split_documents, stdlib_documents
 from rtdlm.train.loop import TrainState, init_state, make_optimizer, make_train_step
-from rtdlm.train.pipeline import Prefetch, packed_batches
 from rtdlm.train.trainer import use_compile_cache
 
 BATCH = {"tiny": (16, 256), "small": (4, 1024), "medium": (1, 2048), "large": (1, 2048)}

@@ -17,11 +17,11 @@ import optax
 import pytest
 
 from rtdlm.ckpt import CheckpointManager
+from rtdlm.data import BYTES
 from rtdlm.export import int8, onnx_export, quality
 from rtdlm.export.artifact import (
     CheckFailed,
     ExportError,
-    TokenizerSpec,
     Trained,
     load_checkpoint,
     params_sha256,
@@ -31,7 +31,6 @@ from rtdlm.export.quantize import quantize
 from rtdlm.model import ModelConfig, build, build_decoder, generate, init_cache
 
 CFG = ModelConfig(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=64, vocab_size=96)
-BYTES = TokenizerSpec({"kind": "bytes"})
 
 
 def held_out(cfg: ModelConfig, tokens: int = 1024) -> np.ndarray:

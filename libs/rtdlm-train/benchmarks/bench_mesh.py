@@ -32,12 +32,12 @@ from typing import Any
 
 import jax
 
+from rtdlm.data.corpus import split_documents, stdlib_documents
+from rtdlm.data.pipeline import packed_batches
 from rtdlm.model import build_with_stats
 from rtdlm.train import Trainer, distributed, resolve
 from rtdlm.train.config import for_first_start
-from rtdlm.train.data import split_documents, stdlib_documents
 from rtdlm.train.loop import init_state, make_optimizer, make_train_step
-from rtdlm.train.pipeline import packed_batches
 from rtdlm.train.sharding import make_mesh, state_shardings
 from rtdlm.train.trainer import global_batch
 

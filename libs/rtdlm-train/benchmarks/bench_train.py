@@ -18,13 +18,13 @@ import time
 
 import jax
 
+from rtdlm.data.corpus import split_documents, stdlib_documents
+from rtdlm.data.pipeline import packed_batches
 from rtdlm.metrics import measure_peak, utilization
 from rtdlm.model import build_with_stats, flops_per_token, param_count
 from rtdlm.train import Batch, Callback, StepLog, Trainer, resolve
 from rtdlm.train.config import RunConfig, for_first_start
-from rtdlm.train.data import split_documents, stdlib_documents
 from rtdlm.train.loop import init_state, make_optimizer, make_train_step
-from rtdlm.train.pipeline import packed_batches
 
 BATCH = {"tiny": 8, "small": 2, "medium": 1, "large": 1}
 DATA = split_documents(stdlib_documents())

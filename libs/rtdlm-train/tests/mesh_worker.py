@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from small_run import small_config
 
+from rtdlm.data import split_documents, stdlib_documents
 from rtdlm.train import (
     Batch,
     Callback,
@@ -25,10 +26,8 @@ from rtdlm.train import (
     RunConfig,
     StepLog,
     Trainer,
-    split_documents,
 )
 from rtdlm.train.config import for_first_start
-from rtdlm.train.data import stdlib_documents
 
 # Two layers, so a pipeline-free mesh still shards more than one block's parameters.
 RUN = ["model.num_layers=2", "data.batch_size=8", "optimizer.learning_rate=3e-3"]

@@ -13,10 +13,10 @@ from prometheus_client import CollectorRegistry
 from small_run import small_config
 
 from rtdlm import ckpt
+from rtdlm.data import split_documents as split
+from rtdlm.data.corpus import stdlib_documents
 from rtdlm.metrics import PrometheusTrainingCallback
 from rtdlm.train import Callback, CheckpointLog, Prometheus, RunResult, Trainer
-from rtdlm.train import split_documents as split
-from rtdlm.train.data import stdlib_documents
 
 # Mounts need root: CI here is root; GitHub's runners get it from passwordless sudo.
 AS_ROOT = [] if os.geteuid() == 0 else ["sudo", "-n"]

@@ -10,10 +10,12 @@ import optax
 import pytest
 from small_run import small_config
 
+from rtdlm.data import split_documents
+from rtdlm.data.corpus import stdlib_documents
+from rtdlm.data.pipeline import packed_batches
 from rtdlm.model import build_with_stats
-from rtdlm.train import Batch, RunConfig, split_documents
+from rtdlm.train import Batch, RunConfig
 from rtdlm.train.config import for_first_start
-from rtdlm.train.data import stdlib_documents
 from rtdlm.train.loop import (
     TrainState,
     init_state,
@@ -23,7 +25,6 @@ from rtdlm.train.loop import (
     make_train_step,
     target_mask,
 )
-from rtdlm.train.pipeline import packed_batches
 
 FLOAT32 = "model.compute_dtype=float32"  # equalities at float32 tolerances (tiny runs bf16)
 DATA = split_documents(stdlib_documents())

@@ -15,6 +15,9 @@ import pytest
 from small_run import SMALL, small_config
 
 from rtdlm import ckpt
+from rtdlm.data import Splits, split_documents
+from rtdlm.data.corpus import stdlib_documents
+from rtdlm.data.shards import corpus_from_documents
 from rtdlm.train import (
     Callback,
     CheckpointLog,
@@ -22,13 +25,9 @@ from rtdlm.train import (
     RunConfig,
     RunDirError,
     RunResult,
-    Splits,
     StepLog,
     Trainer,
-    split_documents,
 )
-from rtdlm.train.data import stdlib_documents
-from rtdlm.train.shards import corpus_from_documents
 
 DATA = split_documents(stdlib_documents())
 
@@ -257,8 +256,9 @@ def test_a_run_dir_that_is_a_file_or_in_use_is_refused_before_writing(tmp_path: 
 
 CACHE_HITS = """
 import sys, jax
-from rtdlm.train import Trainer, resolve, split_documents
-from rtdlm.train.data import stdlib_documents
+from rtdlm.data import split_documents
+from rtdlm.train import Trainer, resolve
+from rtdlm.data.corpus import stdlib_documents
 
 events = []
 jax.monitoring.register_event_listener(lambda event, **_: events.append(event))

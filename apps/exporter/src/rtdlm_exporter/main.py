@@ -1,6 +1,6 @@
 """`exporter`: turn a training checkpoint into checked inference artifacts, and run them.
 
-The app edge: arguments, the held-out data and tokenizer (rtdlm.train), and the terminal. The
+The app edge: arguments, the held-out data and tokenizer (rtdlm.data), and the terminal. The
 artifacts and their checks are rtdlm.export's.
 """
 
@@ -14,19 +14,17 @@ import jax
 import numpy as np
 
 from rtdlm.ckpt import CheckpointError
+from rtdlm.data import DataError, Tokenizer, from_index, load_data
 from rtdlm.export import int8, onnx_export, quality
 from rtdlm.export.artifact import (
     CheckFailed,
     ExportError,
-    TokenizerSpec,
     Trained,
     check_output,
     load_checkpoint,
 )
 from rtdlm.export.onnx_runtime import OnnxModel, check_context
 from rtdlm.model import generate
-from rtdlm.train.shards import DataError
-from rtdlm.train.tokenizer import Tokenizer, from_index, load_data
 
 BAD_INPUT = (ExportError, CheckpointError, DataError)
 
@@ -80,11 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def held_out(
-    trained: Trained, data: Path | None, eval_tokens: int
-) -> tuple[np.ndarray, Tokenizer, TokenizerSpec]:
-    """Held-out rows to measure on (the run's own data, or `data`), its tokenizer, and what the
-    artifact records of that tokenizer (with the SentencePiece model file, if it has one)."""
+def held_out(trained: Trained, data: Path | None, eval_tokens: int) -> tuple[np.ndarray, Tokenizer]:
+    """Held-out rows to measure on (the run's own data, or `data`), and its tokenizer."""
     where = data or (trained.run_config.get("data") or {}).get("path")
     path = None if where is None else Path(where)
     if path is not None and not path.is_dir():
@@ -98,9 +93,7 @@ def held_out(
     validation = splits.validation
     documents = (validation.document(i) for i in range(validation.num_documents))
     rows = quality.windows(documents, trained.cfg.seq_len, eval_tokens)
-    entry = tokenizer.index_entry
-    files = (path / entry["file"],) if path is not None and "file" in entry else ()
-    return rows, tokenizer, TokenizerSpec(entry, files)
+    return rows, tokenizer
 
 
 def text(tokenizer: Tokenizer, tokens: np.ndarray) -> str:
@@ -111,10 +104,10 @@ def export(args: argparse.Namespace) -> None:
     if args.command != "verify":
         check_output(args.out, args.force)  # before minutes of work
     trained = load_checkpoint(args.checkpoint, args.step)
-    rows, tokenizer, spec = held_out(trained, args.data, args.eval_tokens)
+    rows, tokenizer = held_out(trained, args.data, args.eval_tokens)
     limit, step = args.max_ppl_increase / 100, trained.source["step"]
     if args.command == "quantize":
-        q = int8.quantize_checkpoint(trained, rows, args.out, spec, limit, args.force)
+        q = int8.quantize_checkpoint(trained, rows, args.out, tokenizer, limit, args.force)
         c = q.vs_float32
         print(
             f"quantized step {step}: {q.float32_bytes:,} -> {q.int8_bytes:,} bytes "
@@ -131,7 +124,7 @@ def export(args: argparse.Namespace) -> None:
             trained,
             rows,
             args.out,
-            spec,
+            tokenizer,
             int8=args.int8,
             max_increase=limit,
             force=args.force,

@@ -23,10 +23,12 @@ from prometheus_client import CollectorRegistry
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rtdlm.ckpt import CheckpointError
+from rtdlm.data import BYTE_VOCAB_SIZE
+from rtdlm.data.shards import DataError, read_index
+from rtdlm.data.tokenizer import Tokenizer, load_data
 from rtdlm.metrics import ExporterError, PrometheusTrainingCallback, peak_flops, start_server
 from rtdlm.model import PRESETS, generate, param_count
 from rtdlm.train import (
-    BYTE_VOCAB_SIZE,
     ConfigError,
     Progress,
     Prometheus,
@@ -40,8 +42,6 @@ from rtdlm.train import (
     resolve,
 )
 from rtdlm.train.distributed import DistributedError
-from rtdlm.train.shards import DataError, read_index
-from rtdlm.train.tokenizer import Tokenizer, load_data
 from rtdlm.train.trainer import describe
 
 BAD_INPUT = (ConfigError, DataError, RunDirError, CheckpointError, ExporterError, DistributedError)

@@ -26,6 +26,7 @@ from etils import epath
 
 from rtdlm import ckpt
 from rtdlm.ckpt import integrity
+from rtdlm.data import Tokenizer
 from rtdlm.export.quantize import Params
 from rtdlm.model import ModelConfig
 
@@ -40,16 +41,6 @@ class ExportError(Exception):
 
 class CheckFailed(ExportError):
     """An artifact failed one of its checks (parity, generation, perplexity): the numbers."""
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    """How text becomes token ids for this model: what rtdlm.train's index.json records
-    ({"kind": "bytes"}, or a SentencePiece model's file name and SHA-256), and the files that
-    description needs, copied into the artifact so it stands alone."""
-
-    entry: Mapping[str, Any]
-    files: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,15 +107,13 @@ def check_output(out: Path, force: bool) -> None:
         raise ExportError(f"{out} exists; pass --force to replace it")
 
 
-def describe(
-    kind: str, trained: Trained, tokenizer: TokenizerSpec, **sections: Any
-) -> dict[str, Any]:
+def describe(kind: str, trained: Trained, tokenizer: Tokenizer, **sections: Any) -> dict[str, Any]:
     """The artifact.json of an artifact of `kind` made from `trained`."""
     return {
         "format": FORMAT,
         "kind": kind,
         "model": dataclasses.asdict(trained.cfg),
-        "tokenizer": dict(tokenizer.entry),
+        "tokenizer": dict(tokenizer.index_entry),
         "source": dict(trained.source),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": ckpt.package_versions(_VERSIONED),
@@ -136,7 +125,7 @@ def describe(
 def write_artifact(
     out: Path,
     build: Callable[[Path], Mapping[str, Any]],
-    tokenizer: TokenizerSpec,
+    tokenizer: Tokenizer,
     force: bool = False,
 ) -> None:
     """Has `build` write and check the data files in a fresh directory and return its

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from rtdlm.data import Tokenizer
 from rtdlm.export import quality
 from rtdlm.export.artifact import (
     ExportError,
-    TokenizerSpec,
     Trained,
     check_output,
     describe,
@@ -67,7 +67,7 @@ def quantize_checkpoint(
     trained: Trained,
     rows: np.ndarray,
     out: Path,
-    tokenizer: TokenizerSpec,
+    tokenizer: Tokenizer,
     max_increase: float = DEFAULT_MAX_INCREASE,
     force: bool = False,
 ) -> Int8Report:

@@ -27,11 +27,11 @@ import onnx
 from onnx import external_data_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from rtdlm.data import Tokenizer
 from rtdlm.export import quality
 from rtdlm.export.artifact import (
     CheckFailed,
     ExportError,
-    TokenizerSpec,
     Trained,
     check_output,
     describe,
@@ -225,7 +225,7 @@ def export_onnx(
     trained: Trained,
     rows: np.ndarray,
     out: Path,
-    tokenizer: TokenizerSpec,
+    tokenizer: Tokenizer,
     *,
     int8: bool = False,
     max_increase: float = DEFAULT_MAX_INCREASE,
@@ -263,7 +263,7 @@ def export_onnx(
 
 
 def manifest(
-    trained: Trained, tokenizer: TokenizerSpec, int8: bool, report: OnnxReport
+    trained: Trained, tokenizer: Tokenizer, int8: bool, report: OnnxReport
 ) -> dict[str, Any]:
     return describe(
         KIND,

@@ -1,4 +1,4 @@
-"""rtdlm.train: configuration, data, the training step, and the run (Trainer)."""
+"""rtdlm.train: configuration, the training step, and the run (Trainer); data is rtdlm.data's."""
 
 from rtdlm.train.callbacks import (
     Callback,
@@ -20,13 +20,11 @@ from rtdlm.train.config import (
     resolve,
     to_yaml,
 )
-from rtdlm.train.data import BYTE_VOCAB_SIZE, Splits, decode, encode, split_documents
 from rtdlm.train.loop import Batch, TrainState
 from rtdlm.train.rundir import RunDirError
 from rtdlm.train.trainer import RunResult, Trainer
 
 __all__ = [
-    "BYTE_VOCAB_SIZE",
     "Batch",
     "Callback",
     "CheckpointLog",
@@ -40,16 +38,12 @@ __all__ = [
     "RunConfig",
     "RunDirError",
     "RunResult",
-    "Splits",
     "StepLog",
     "StepsFile",
     "TrainConfig",
     "TrainState",
     "Trainer",
-    "decode",
-    "encode",
     "load_yaml",
     "resolve",
-    "split_documents",
     "to_yaml",
 ]

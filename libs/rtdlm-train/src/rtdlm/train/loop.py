@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rtdlm.data.corpus import Splits
+from rtdlm.data.pipeline import evaluation_rows
 from rtdlm.model import axis_rules, constrain
 from rtdlm.train.config import OptimizerConfig, RunConfig
-from rtdlm.train.data import Splits
-from rtdlm.train.pipeline import evaluation_rows
 from rtdlm.train.sharding import batch_sharding, state_shardings, to_sharding
 
 

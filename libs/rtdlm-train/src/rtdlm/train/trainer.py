@@ -28,6 +28,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rtdlm import ckpt
+from rtdlm.data.corpus import Splits
+from rtdlm.data.pipeline import Prefetch, packed_batches
+from rtdlm.data.shards import DataError
 from rtdlm.metrics import Peak, utilization
 from rtdlm.model import build_with_stats, flops_per_token, param_count
 from rtdlm.train.callbacks import Callback, CheckpointLog, EvalLog, StepLog, StepsFile
@@ -40,7 +43,6 @@ from rtdlm.train.config import (
     to_dict,
     to_yaml,
 )
-from rtdlm.train.data import Splits
 from rtdlm.train.loop import (
     Batch,
     StepMetrics,
@@ -51,7 +53,6 @@ from rtdlm.train.loop import (
     make_optimizer,
     make_train_step,
 )
-from rtdlm.train.pipeline import Prefetch, packed_batches
 from rtdlm.train.rundir import RunDirError, RunDirLock
 from rtdlm.train.sharding import (
     MESH_AXES,
@@ -61,7 +62,6 @@ from rtdlm.train.sharding import (
     make_mesh,
     state_shardings,
 )
-from rtdlm.train.shards import DataError
 
 log = logging.getLogger(__name__)
 

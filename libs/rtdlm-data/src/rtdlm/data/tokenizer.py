@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from rtdlm.train.data import (
+from rtdlm.data.corpus import (
     BYTE_VOCAB_SIZE,
     Splits,
     decode,
@@ -18,16 +18,21 @@ from rtdlm.train.data import (
     split_documents,
     stdlib_documents,
 )
-from rtdlm.train.shards import DataError, open_split, read_index
+from rtdlm.data.shards import DataError, open_split, read_index
 
 
 @dataclass(frozen=True)
 class Tokenizer:
+    """How text becomes token ids and back. `index_entry` is what index.json (and every export
+    artifact) records so a reader rebuilds the same one; `files` are what that entry names (a
+    SentencePiece model), copied wherever the entry goes so it stands alone."""
+
     name: str
     vocab_size: int
     encode: Callable[[str], np.ndarray]
     decode: Callable[[np.ndarray], str]
-    index_entry: dict[str, Any]  # what index.json records, so readers rebuild the same one
+    index_entry: dict[str, Any]
+    files: tuple[Path, ...] = ()
 
 
 BYTES = Tokenizer("bytes", BYTE_VOCAB_SIZE, encode, decode, {"kind": "bytes"})
@@ -47,6 +52,7 @@ def sentencepiece(model_file: Path) -> Tokenizer:
         lambda text: np.asarray(processor.encode(text), np.int32),
         lambda tokens: processor.decode([int(t) for t in tokens]),
         {"kind": "sentencepiece", "file": model_file.name, "sha256": digest},
+        (model_file,),
     )
 
 

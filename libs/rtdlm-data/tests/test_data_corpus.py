@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rtdlm.train.data import decode, encode, split_documents, stdlib_documents
+from rtdlm.data.corpus import decode, encode, split_documents, stdlib_documents
 
 
 @given(st.text())

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rtdlm.train import shards
-from rtdlm.train.shards import (
+from rtdlm.data import shards
+from rtdlm.data.shards import (
     DataError,
     ShardWriter,
     corpus_from_documents,

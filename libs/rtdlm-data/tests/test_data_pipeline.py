@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rtdlm.train.pipeline import Prefetch, evaluation_rows, packed_batches
-from rtdlm.train.shards import DataError, corpus_from_documents
+from rtdlm.data.pipeline import Prefetch, evaluation_rows, packed_batches
+from rtdlm.data.shards import DataError, corpus_from_documents
 
 
 def corpus_of(lengths: list[int]):  # type: ignore[no-untyped-def]

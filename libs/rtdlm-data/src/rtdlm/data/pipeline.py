@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from rtdlm.train.shards import Corpus, DataError
+from rtdlm.data.shards import Corpus, DataError
 
 
 def epoch_layout(corpus: Corpus, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:

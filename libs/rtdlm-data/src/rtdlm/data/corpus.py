@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtdlm.train.shards import Corpus, corpus_from_documents
+from rtdlm.data.shards import Corpus, corpus_from_documents
 
 BYTE_VOCAB_SIZE = 256
 

@@ -110,6 +110,36 @@ def test_a_sentencepiece_model_tokenizes_and_the_trainer_decodes_with_it(
     assert "is not a SentencePiece model" in capsys.readouterr().err
 
 
+def test_parquet_to_a_trained_bpe_to_a_model_that_speaks_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    documents = [text for _, text in stdlib_documents()[:120]]
+    for part in range(3):
+        rows = documents[part::3]
+        pq.write_table(
+            pa.table({"id": list(range(len(rows))), "content": rows}), corpus / f"{part}.parquet"
+        )
+    shards = tmp_path / "shards"
+    args = [str(corpus / "*.parquet"), "--output", str(shards), "--text-field", "content"]
+    assert prepare_data([*args, "--train-tokenizer", "bpe", "--vocab-size", "400"]) == 0
+    out = capsys.readouterr().out
+    distinct = len({text for text in documents if text})
+    assert f"validation: {(distinct + 9) // 10} documents" in out
+    assert "tokenizer huggingface, vocabulary 400" in out
+    assert (shards / "tokenizer.json").is_file()
+    run = ["--run-dir", str(tmp_path / "run"), "--set", f"data.path={shards}"]
+    assert trainer([*FAST, *run, "--sample-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab_size: 400" in out and "sample: 'The " in out
+    assert prepare_data([*args, "--train-tokenizer", "bpe"]) == 2
+    assert "--train-tokenizer bpe and --vocab-size N go together" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [

@@ -178,9 +178,12 @@ def run(args: argparse.Namespace) -> None:
             ).tokens
 
     tokenizer = from_index({"tokenizer": manifest.get("tokenizer")}, args.model)
-    prompt = tokenizer.encode(args.prompt)[None]
+    prompt = tokenizer.prompt(args.prompt)[None]
     check_context(cfg.seq_len, prompt.shape[1], args.max_new_tokens)
-    print(args.prompt + tokenizer.decode(np.asarray(continuation(prompt))[0]))
+    tokens = np.asarray(continuation(prompt))[0]
+    if tokenizer.eos_id is not None and tokenizer.eos_id in tokens:  # the text ends there
+        tokens = tokens[: list(tokens).index(tokenizer.eos_id)]
+    print(args.prompt + tokenizer.decode(tokens))
 
 
 def main(argv: list[str] | None = None) -> int:

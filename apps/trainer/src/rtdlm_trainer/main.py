@@ -192,7 +192,7 @@ def summarize(result: RunResult, tokenizer: Tokenizer, sample_tokens: int, stop:
         return 0
     cfg = result.config.model
     if sample_tokens > 0 and jax.process_count() == 1:
-        prompt = tokenizer.encode(text := "The ")
+        prompt = tokenizer.prompt(text := "The ")
         budget = min(sample_tokens, cfg.seq_len - len(prompt))
         key = jax.random.PRNGKey(result.config.train.seed)
         sample = generate(
@@ -203,6 +203,7 @@ def summarize(result: RunResult, tokenizer: Tokenizer, sample_tokens: int, stop:
             max_new_tokens=budget,
             temperature=0.8,
             top_k=40,
+            end_token=tokenizer.eos_id,
         )
         print(f"sample: {text + tokenizer.decode(np.asarray(sample.tokens[0]))!r}")
     print(f"done: {result.summary()}")

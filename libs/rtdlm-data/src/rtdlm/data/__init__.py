@@ -21,7 +21,15 @@ from rtdlm.data.shards import (
     verify,
     write_index,
 )
-from rtdlm.data.tokenizer import BYTES, Tokenizer, from_index, load_data, sentencepiece
+from rtdlm.data.tokenizer import (
+    BYTES,
+    Tokenizer,
+    from_index,
+    huggingface,
+    load_data,
+    sentencepiece,
+    train_bpe,
+)
 
 __all__ = [
     "BYTES",
@@ -39,6 +47,7 @@ __all__ = [
     "evaluation_rows",
     "files",
     "from_index",
+    "huggingface",
     "load_data",
     "open_split",
     "packed_batches",
@@ -47,6 +56,7 @@ __all__ = [
     "sentencepiece",
     "split_documents",
     "stdlib_documents",
+    "train_bpe",
     "verify",
     "write_index",
 ]

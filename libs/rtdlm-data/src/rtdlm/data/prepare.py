@@ -1,9 +1,10 @@
 """Documents into verified token shards: what `prepare-data` does.
 
 Every N-th distinct document is held out for validation, so held-out text never appears in
-training. The corpus streams through: one document at a time is read, tokenized and written to
-its split's open shard, so memory does not grow with the corpus, except for a 16-byte digest
-per distinct document (for deduplication, about 100 bytes each with the set's overhead).
+training. The corpus streams through: documents are read and deduplicated on a thread (a
+16-byte digest each is all that is kept, about 100 bytes with the set's overhead) while this
+one encodes the last batch of them on every core and appends it to its split's open shard, so
+memory does not grow with the corpus. A BPE to train reads the training documents once first.
 """
 
 from __future__ import annotations
@@ -13,35 +14,81 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rtdlm.data.pipeline import Prefetch
 from rtdlm.data.readers import documents, files
 from rtdlm.data.shards import SPLITS, DataError, ShardWriter, read_index, write_index
-from rtdlm.data.tokenizer import BYTES, Tokenizer
+from rtdlm.data.tokenizer import BYTES, Tokenizer, train_bpe
+
+BATCH_BYTES = 4 * 2**20  # text per batch: enough for every core, a bounded amount of memory
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a preparation is, after each batch: for a progress bar's MB/s and tokens/s."""
+
+    text_bytes: int
+    documents: int
+    tokens: int
+
+
+def distinct(paths: Iterable[Path], text_field: str = "text") -> Iterator[tuple[str, int]]:
+    """Every distinct non-empty document, at its first occurrence, with its UTF-8 size."""
+    seen: set[bytes] = set()
+    for path in paths:
+        for text in documents(path, text_field):
+            data = text.encode("utf-8")
+            if not data:
+                continue
+            key = hashlib.blake2b(data, digest_size=16).digest()
+            if key not in seen:
+                seen.add(key)
+                yield text, len(data)
+
+
+def _batches(texts: Iterator[tuple[str, int]]) -> Iterator[tuple[list[str], int]]:
+    batch: list[str] = []
+    size = 0
+    for text, length in texts:
+        batch.append(text)
+        size += length
+        if size >= BATCH_BYTES:
+            yield batch, size
+            batch, size = [], 0
+    if batch:
+        yield batch, size
 
 
 def write_splits(
-    paths: Iterable[Path], staging: Path, tokenizer: Tokenizer, every: int, shard_tokens: int
+    texts: Iterable[tuple[str, int]],
+    staging: Path,
+    tokenizer: Tokenizer,
+    every: int,
+    shard_tokens: int,
+    progress: Callable[[Progress], None] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Streams every distinct non-empty document into its split's shards in `staging`; the
-    i-th distinct document (from 0) is held out when i % every == 0."""
+    """Writes `distinct`'s documents into their splits' shards in `staging`; the i-th (from 0)
+    is held out when i % every == 0."""
     writers = {s: ShardWriter(staging, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
-    seen: set[bytes] = set()
-    for path in paths:
-        for text in documents(path):
-            if not text:
-                continue
-            key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-            if key in seen:
-                continue
-            split = "train" if len(seen) % every else "validation"
-            seen.add(key)
-            writers[split].add(tokenizer.encode(text))
-    if len(seen) < every:
+    count = tokens = size = 0
+    ahead = Prefetch(_batches(iter(texts)), depth=2)
+    try:
+        for batch, batch_size in ahead:
+            for ids in tokenizer.documents(batch):
+                writers["train" if count % every else "validation"].add(ids)
+                count, tokens = count + 1, tokens + len(ids)
+            size += batch_size
+            if progress is not None:
+                progress(Progress(size, count, tokens))
+    finally:
+        ahead.close()
+    if count < every:
         raise DataError(
-            f"found {len(seen)} distinct non-empty documents; need at least "
+            f"found {count} distinct non-empty documents; need at least "
             f"{every} to hold out one (lower --validation-every)"
         )
     return {split: writer.close() for split, writer in writers.items()}
@@ -73,16 +120,22 @@ def prepare_shards(
     validation_every: int = 10,
     shard_tokens: int = 100_000_000,
     force: bool = False,
+    *,
+    text_field: str = "text",
+    train_bpe_vocab: int | None = None,
+    progress: Callable[[Progress], None] | None = None,
 ) -> dict[str, Any]:
     """Every document of `inputs` as verified shards in `output`, the i-th distinct one held
-    out when i % validation_every == 0; returns the index.json written. Staged inside `output`
-    and published only once everything succeeded: on any error nothing new is left behind and
-    an existing data set is untouched (replaced only with `force`)."""
+    out when i % validation_every == 0; returns the index.json written. With
+    `train_bpe_vocab`, the tokenizer is a byte-level BPE of that size trained on the training
+    documents (`tokenizer.json` beside the shards) instead of `tokenizer`. Staged inside
+    `output` and published only once everything succeeded: on any error nothing new is left
+    behind and an existing data set is untouched (replaced only with `force`)."""
     if validation_every < 2:
         raise DataError("--validation-every must be at least 2")
     if (output / "index.json").exists() and not force:
         raise DataError(f"{output} already holds shards; pass --force to replace them")
-    paths = files(inputs)
+    files(inputs)  # every named input checked before anything is written
     created = not output.exists()
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -90,9 +143,21 @@ def prepare_shards(
     except OSError as error:
         raise DataError(f"cannot write to --output {output} ({error.strerror})") from None
     try:
-        splits = write_splits(paths, staging, tokenizer, validation_every, shard_tokens)
-        for file in tokenizer.files:
-            shutil.copyfile(file, staging / file.name)
+        if train_bpe_vocab is not None:
+            texts = distinct(files(inputs), text_field)
+            train = (text for i, (text, _) in enumerate(texts) if i % validation_every)
+            tokenizer = train_bpe(train, train_bpe_vocab, staging / "tokenizer.json")
+        else:
+            for file in tokenizer.files:
+                shutil.copyfile(file, staging / file.name)
+        splits = write_splits(
+            distinct(files(inputs), text_field),
+            staging,
+            tokenizer,
+            validation_every,
+            shard_tokens,
+            progress,
+        )
         publish(staging, output)
         index = write_index(output, splits, tokenizer.vocab_size, tokenizer.index_entry)
         staging.rmdir()

@@ -73,6 +73,9 @@ def generate(directory: Path, size: int) -> tuple[list[Path], list[str]]:
 
 def run_limited(pythonpath: list[str], headroom: int, argv: list[str]) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in pythonpath if p)}
+    # One malloc arena: the arena glibc gives prepare-data's reader thread reserves 64 MB of
+    # address space it never touches, and the limit below is on address space.
+    env["MALLOC_ARENA_MAX"] = "1"
     result = subprocess.run(
         [sys.executable, "-c", LIMITED, str(headroom), *argv],
         env=env,

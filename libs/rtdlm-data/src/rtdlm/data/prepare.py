@@ -24,7 +24,7 @@ from rtdlm.data.readers import documents, files
 from rtdlm.data.shards import SPLITS, DataError, ShardWriter, read_index, write_index
 from rtdlm.data.tokenizer import BYTES, Tokenizer, train_bpe
 
-BATCH_BYTES = 4 * 2**20  # text per batch: enough for every core, a bounded amount of memory
+BATCH_BYTES = 2 * 2**20  # text per batch: hundreds of documents for the cores, bounded memory
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def write_splits(
     is held out when i % every == 0."""
     writers = {s: ShardWriter(staging, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
     count = tokens = size = 0
-    ahead = Prefetch(_batches(iter(texts)), depth=2)
+    ahead = Prefetch(_batches(iter(texts)), depth=1)
     try:
         for batch, batch_size in ahead:
             for ids in tokenizer.documents(batch):

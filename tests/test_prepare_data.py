@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_RUN
 
+from rtdlm.ckpt import restore_params
 from rtdlm.data.corpus import stdlib_documents
 from rtdlm_exporter.main import main as exporter
 from rtdlm_trainer.main import main as trainer
@@ -101,7 +102,9 @@ def test_a_sentencepiece_model_tokenizes_and_the_trainer_decodes_with_it(
         == 0
     )
     assert capsys.readouterr().out.startswith("The ")
-    assert exporter(["onnx", *export, "--out", str(tmp_path / "onnx")]) == 2
+    assert exporter(["onnx", *export, "--out", str(tmp_path / "onnx")]) == 0  # the run's copy
+    shutil.rmtree(tmp_path / "run" / "data")  # a run from before runs kept one
+    assert exporter(["onnx", *export, "--out", str(tmp_path / "onnx2")]) == 2
     assert f"the run's data directory {shards} is gone: pass --data DIR" in capsys.readouterr().err
     assert (
         prepare_data([str(texts), "--output", str(tmp_path / "x"), "--sentencepiece", str(corpus)])
@@ -136,6 +139,23 @@ def test_parquet_to_a_trained_bpe_to_a_model_that_speaks_it(
     assert trainer([*FAST, *run, "--sample-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert "vocab_size: 400" in out and "sample: 'The " in out
+    # The run keeps its tokenizer (every checkpoint records it) and first held-out documents:
+    # with the data moved away it exports, checked on those, and the artifact speaks BPE.
+    entry = json.loads((shards / "index.json").read_text())["tokenizer"]
+    assert restore_params(tmp_path / "run" / "checkpoints").config["tokenizer"] == entry
+    shards.rename(tmp_path / "moved")
+    onnx = tmp_path / "onnx"
+    export = ["--checkpoint", str(tmp_path / "run"), "--eval-tokens", "512", "--out", str(onnx)]
+    assert exporter(["onnx", *export]) == 0
+    assert json.loads((onnx / "artifact.json").read_text())["tokenizer"] == entry
+    assert (onnx / "tokenizer.json").read_bytes() == (
+        tmp_path / "moved" / "tokenizer.json"
+    ).read_bytes()
+    capsys.readouterr()
+    generate = ["generate", "--model", str(onnx), "--prompt", "The ", "--max-new-tokens", "8"]
+    assert exporter(generate) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("The ") and len(printed.strip()) > len("The")
     assert prepare_data([*args, "--train-tokenizer", "bpe"]) == 2
     assert "--train-tokenizer bpe and --vocab-size N go together" in capsys.readouterr().err
 

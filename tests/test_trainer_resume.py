@@ -15,7 +15,9 @@ import pytest
 from conftest import SMALL_RUN, start_trainer
 
 from rtdlm.ckpt import restore_params
+from rtdlm.data import stdlib_documents
 from rtdlm_trainer.main import main as trainer
+from rtdlm_trainer.prepare_data import main as prepare_data
 
 pytestmark = pytest.mark.slow
 
@@ -57,23 +59,61 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def bpe_data(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A parquet corpus as shards under a BPE that prepare-data trained on it: the flags that
+    train on them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("bpe")
+    texts = [text for _, text in stdlib_documents()]
+    pq.write_table(pa.table({"text": texts}), root / "corpus.parquet")
+    shards = root / "shards"
+    bpe = ["--train-tokenizer", "bpe", "--vocab-size", "300"]
+    assert prepare_data([str(root / "corpus.parquet"), "--output", str(shards), *bpe]) == 0
+    return ["--set", f"data.path={shards}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_on_bpe(tmp_path_factory: pytest.TempPathFactory, bpe_data: list[str]) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight-bpe") / "run"
+    assert trainer([*SMALL, *bpe_data, "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
 def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(
     tmp_path: Path, uninterrupted: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    process = start(run_dir)
-    run_until(process, "step    13 |")  # checkpoint 5 is committed, 10 may still be in flight
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    resumed = start(run_dir)
-    output, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, output
-    assert re.search(r"resumed from step (5|10) ", output), output
+    killed_then_resumed(run_dir)
     assert losses(run_dir) == losses(uninterrupted)  # exact floats, every step
     for a, b in zip(final_params(run_dir), final_params(uninterrupted), strict=True):
         assert a.tobytes() == b.tobytes()
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or run_dir / "xla-cache"  # the run dir's
     assert any(Path(cache).iterdir())  # unless JAX's variable names one: the resumed run reuses it
+
+
+def test_kill_9_on_a_trained_bpe_resumes_bit_for_bit(
+    tmp_path: Path, bpe_data: list[str], uninterrupted_on_bpe: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    killed_then_resumed(run_dir, *bpe_data)
+    assert losses(run_dir) == losses(uninterrupted_on_bpe)
+    for a, b in zip(final_params(run_dir), final_params(uninterrupted_on_bpe), strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
+def killed_then_resumed(run_dir: Path, *extra: str) -> None:
+    """A run killed with SIGKILL at step 13, then run again to the end."""
+    process = start(run_dir, *extra)
+    run_until(process, "step    13 |")  # checkpoint 5 is committed, 10 may still be in flight
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    resumed = start(run_dir, *extra)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert re.search(r"resumed from step (5|10) ", output), output
 
 
 def test_sigterm_checkpoints_and_exits_143_and_resume_continues(

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from rtdlm.ckpt import CheckpointError
-from rtdlm.data import DataError, Tokenizer, from_index, load_data
+from rtdlm.data import DataError, Tokenizer, from_index, load_data, load_held_out
 from rtdlm.export import int8, onnx_export, quality
 from rtdlm.export.artifact import (
     CheckFailed,
@@ -79,18 +79,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def held_out(trained: Trained, data: Path | None, eval_tokens: int) -> tuple[np.ndarray, Tokenizer]:
-    """Held-out rows to measure on (the run's own data, or `data`), and its tokenizer."""
-    where = data or (trained.run_config.get("data") or {}).get("path")
-    path = None if where is None else Path(where)
-    if path is not None and not path.is_dir():
-        raise ExportError(f"the run's data directory {path} is gone: pass --data DIR")
-    splits, tokenizer = load_data(path)
+    """Held-out rows to measure on, and their tokenizer: `data` where given, else the run's own
+    copy of its first held-out documents and tokenizer (`<run>/data/`), else (a run from before
+    runs kept one) the data directory it trained on."""
+    run_copy = Path(trained.source["checkpoint"]).parent / "data"
+    if data is None and (run_copy / "index.json").is_file():
+        validation, tokenizer = load_held_out(run_copy)
+    else:
+        where = data or (trained.run_config.get("data") or {}).get("path")
+        path = None if where is None else Path(where)
+        if path is not None and not path.is_dir():
+            raise ExportError(f"the run's data directory {path} is gone: pass --data DIR")
+        splits, tokenizer = load_data(path)
+        validation = splits.validation
     if tokenizer.vocab_size > trained.cfg.vocab_size:
         raise ExportError(
             f"the data's tokenizer has {tokenizer.vocab_size:,} tokens, more than the model's "
             f"vocabulary of {trained.cfg.vocab_size:,}: pass the --data it was trained on"
         )
-    validation = splits.validation
     documents = (validation.document(i) for i in range(validation.num_documents))
     rows = quality.windows(documents, trained.cfg.seq_len, eval_tokens)
     return rows, tokenizer

@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         restart_if_all_corrupt=args.restart_if_all_corrupt,
         peak=peak,
+        tokenizer=tokenizer,
     )
     signals = Signals()
     try:

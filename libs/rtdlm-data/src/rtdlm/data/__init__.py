@@ -9,7 +9,7 @@ from rtdlm.data.corpus import (
     stdlib_documents,
 )
 from rtdlm.data.pipeline import Prefetch, evaluation_rows, packed_batches
-from rtdlm.data.prepare import prepare_shards
+from rtdlm.data.prepare import prepare_shards, write_held_out
 from rtdlm.data.readers import documents, files
 from rtdlm.data.shards import (
     Corpus,
@@ -27,6 +27,7 @@ from rtdlm.data.tokenizer import (
     from_index,
     huggingface,
     load_data,
+    load_held_out,
     sentencepiece,
     train_bpe,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "from_index",
     "huggingface",
     "load_data",
+    "load_held_out",
     "open_split",
     "packed_batches",
     "prepare_shards",
@@ -58,5 +60,6 @@ __all__ = [
     "stdlib_documents",
     "train_bpe",
     "verify",
+    "write_held_out",
     "write_index",
 ]

@@ -21,7 +21,7 @@ from typing import Any
 
 from rtdlm.data.pipeline import Prefetch
 from rtdlm.data.readers import documents, files
-from rtdlm.data.shards import SPLITS, DataError, ShardWriter, read_index, write_index
+from rtdlm.data.shards import SPLITS, Corpus, DataError, ShardWriter, read_index, write_index
 from rtdlm.data.tokenizer import BYTES, Tokenizer, train_bpe
 
 BATCH_BYTES = 2 * 2**20  # text per batch: hundreds of documents for the cores, bounded memory
@@ -167,4 +167,33 @@ def prepare_shards(
         if created:
             with contextlib.suppress(OSError):
                 output.rmdir()
+        raise
+
+
+HELD_OUT_TOKENS = 65_536  # what a run keeps of its held-out split: exports measure on 16,384
+
+
+def write_held_out(
+    directory: Path, validation: Corpus, tokenizer: Tokenizer, max_tokens: int = HELD_OUT_TOKENS
+) -> None:
+    """A run's own copy of its data's tokenizer and first held-out documents (at most
+    `max_tokens`, at least one document): a shard directory with a validation split only,
+    written whole or not at all, so exports need no data directory once it has moved."""
+    staging = Path(tempfile.mkdtemp(prefix=".held-out-", dir=directory.parent))
+    try:
+        writer = ShardWriter(staging, "validation", tokenizer.vocab_size)
+        kept = 0
+        for i in range(validation.num_documents):
+            document = validation.document(i)
+            if i and kept + len(document) > max_tokens:
+                break
+            writer.add(document)
+            kept += len(document)
+        for file in tokenizer.files:
+            shutil.copyfile(file, staging / file.name)
+        shards = {"validation": writer.close()}
+        write_index(staging, shards, tokenizer.vocab_size, tokenizer.index_entry)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -298,7 +298,8 @@ def write_shards(
     return write_index(directory, written, vocab_size, tokenizer)
 
 
-def read_index(directory: Path) -> dict[str, Any]:
+def read_index(directory: Path, splits: Sequence[str] = SPLITS) -> dict[str, Any]:
+    """index.json of a shard directory holding (at least) `splits`."""
     path = directory / "index.json"
     if not path.is_file():
         raise DataError(
@@ -312,7 +313,7 @@ def read_index(directory: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise DataError(f"{path} is not an {FORMAT} index: write the data with prepare-data")
-    missing = [s for s in SPLITS if not index.get("splits", {}).get(s)]
+    missing = [s for s in splits if not index.get("splits", {}).get(s)]
     if missing:
         raise DataError(f"{path} has no {' or '.join(missing)} shards: prepare-data writes both")
     return index

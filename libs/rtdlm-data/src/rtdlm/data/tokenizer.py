@@ -25,7 +25,7 @@ from rtdlm.data.corpus import (
     split_documents,
     stdlib_documents,
 )
-from rtdlm.data.shards import DataError, open_split, read_index
+from rtdlm.data.shards import Corpus, DataError, open_split, read_index
 
 # What a trained BPE separates documents with (GPT-2's convention), and the EOS names looked
 # for in a tokenizer.json that neither a tokenizer_config.json nor its template defines.
@@ -202,3 +202,10 @@ def load_data(path: str | Path | None) -> tuple[Splits, Tokenizer]:
     index = read_index(path)
     splits = Splits(open_split(path, "train", index), open_split(path, "validation", index))
     return splits, from_index(index, path)
+
+
+def load_held_out(directory: str | Path) -> tuple[Corpus, Tokenizer]:
+    """A run's own held-out documents and tokenizer (written by prepare.write_held_out)."""
+    directory = Path(directory)
+    index = read_index(directory, ("validation",))
+    return open_split(directory, "validation", index), from_index(index, directory)

@@ -30,7 +30,9 @@ from jax.sharding import Mesh
 from rtdlm import ckpt
 from rtdlm.data.corpus import Splits
 from rtdlm.data.pipeline import Prefetch, packed_batches
+from rtdlm.data.prepare import write_held_out
 from rtdlm.data.shards import DataError
+from rtdlm.data.tokenizer import Tokenizer
 from rtdlm.metrics import Peak, utilization
 from rtdlm.model import build_with_stats, flops_per_token, param_count
 from rtdlm.train.callbacks import Callback, CheckpointLog, EvalLog, StepLog, StepsFile
@@ -146,14 +148,17 @@ class Trainer:
         restart_if_all_corrupt: bool = False,
         compile_cache: bool = True,
         peak: Peak | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         """`restart_if_all_corrupt`: where every checkpoint in the run dir is corrupt, set them
         aside and train from step 0 (without it, such a run dir is refused). `peak`: what MFU
-        is against (rtdlm.metrics.peak_flops); without one, no MFU."""
+        is against (rtdlm.metrics.peak_flops); without one, no MFU. `tokenizer`: the data's,
+        recorded in every checkpoint and kept in `<run_dir>/data/` with the first held-out
+        documents, so the run exports and samples after its data directory has moved."""
         self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir).absolute()
         self.callbacks = list(callbacks)
         self.resume, self.restart_if_all_corrupt = resume, restart_if_all_corrupt
-        self.compile_cache, self.peak = compile_cache, peak
+        self.compile_cache, self.peak, self.tokenizer = compile_cache, peak, tokenizer
 
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> RunResult:
         """Trains to train.max_steps, or until should_stop() says so after a step; then
@@ -176,6 +181,8 @@ class Trainer:
                 if start_over or (restored is None and not fresh):  # all set aside, as asked
                     cfg = self._start_over()
                 self._save_config(cfg)
+                if writer and self.tokenizer is not None and not (self.run_dir / "data").exists():
+                    write_held_out(self.run_dir / "data", self.data.validation, self.tokenizer)
                 return _Run(cfg, self, manager, mesh, held_out).run(restored, should_stop)
 
     def _settle_config(self) -> tuple[RunConfig, bool, bool]:
@@ -337,6 +344,8 @@ class _Run:
         held_out: list[Batch],
     ) -> None:
         self.cfg, self.data, self.manager, self.mesh = cfg, trainer.data, manager, mesh
+        tokenizer = {"tokenizer": trainer.tokenizer.index_entry} if trainer.tokenizer else {}
+        self.checkpoint_config = {**to_dict(cfg), **tokenizer}  # what each checkpoint records
         writer = jax.process_index() == 0
         self.run_dir = trainer.run_dir
         self.steps_file = StepsFile(self.run_dir / "steps.jsonl") if writer else None
@@ -640,7 +649,7 @@ class _Run:
                     params=state.params,
                     opt_state=state.opt_state,
                     data_state=position or {},
-                    config=to_dict(self.cfg),
+                    config=self.checkpoint_config,
                     metrics=None if eval_loss is None else {"eval_loss": eval_loss},
                 )
             except ckpt.CheckpointSaveError as error:

@@ -50,11 +50,22 @@ SMALL_RUN = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--samp
 SMALL_RUN += ["--set", "model.num_layers=1", "--set", "model.d_model=64", "--peak-flops", "1e12"]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct TCP ports on 127.0.0.1 that nothing listens on right now (all held
+    while they are picked: one at a time, the system may hand out the same port twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def start_trainer(*args: str, stderr: int = subprocess.PIPE) -> subprocess.Popen:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_ports
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -163,7 +163,7 @@ def test_prometheus_scrapes_dashboard_queries_answer_and_alerts_reach_alertmanag
 ) -> None:
     callback, url, run_training = training
     exporter = urllib.parse.urlparse(url).netloc
-    prom_port, am_port = free_port(), free_port()
+    prom_port, am_port = free_ports(2)
     webhook = ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
     threading.Thread(target=webhook.serve_forever, daemon=True).start()
 
@@ -210,6 +210,9 @@ def test_prometheus_scrapes_dashboard_queries_answer_and_alerts_reach_alertmanag
 
     try:
         wait_for("Prometheus", lambda: get_json(f"{api}/status/buildinfo"))
+        # Prometheus sends a firing alert once, then again only after a minute: Alertmanager
+        # must be listening before anything fires.
+        wait_for("Alertmanager", lambda: get_json(f"http://127.0.0.1:{am_port}/api/v2/status"))
         wait_for("the exporter to be up", lambda: [r for r in query("up") if r["value"][1] == "1"])
 
         class Slow(Callback):

@@ -124,9 +124,8 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
                 f'{path} has no column "{field}" (it has {", ".join(names)}): pass '
                 "--text-field NAME"
             )
-        if not pa.types.is_string(kind := parquet.schema_arrow.field(field).type) and not (
-            pa.types.is_large_string(kind)
-        ):
+        kind = parquet.schema_arrow.field(field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise DataError(f'{path}: column "{field}" holds {kind}, not text')
         row = 0
         try:

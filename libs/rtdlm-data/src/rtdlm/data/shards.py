@@ -62,7 +62,7 @@ def _sha256(data: mmap.mmap) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -224,7 +224,7 @@ class ShardWriter:
                 **files,
                 "num_tokens": num_tokens,
                 "num_documents": len(self._offsets) - 1,
-                "sha256": {k: _sha256_file(self.directory / f) for k, f in files.items()},
+                "sha256": {k: sha256_file(self.directory / f) for k, f in files.items()},
             }
         )
         self._offsets = array("q", [0])

@@ -8,7 +8,6 @@ prompt starts with BOS; generation stops at EOS; decoding drops special tokens.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from rtdlm.data.corpus import (
     split_documents,
     stdlib_documents,
 )
-from rtdlm.data.shards import Corpus, DataError, open_split, read_index
+from rtdlm.data.shards import Corpus, DataError, open_split, read_index, sha256_file
 
 # What a trained BPE separates documents with (GPT-2's convention), and the EOS names looked
 # for in a tokenizer.json that neither a tokenizer_config.json nor its template defines.
@@ -74,10 +73,6 @@ class Tokenizer:
 BYTES = Tokenizer("bytes", BYTE_VOCAB_SIZE, encode, decode, {"kind": "bytes"})
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def sentencepiece(model_file: Path) -> Tokenizer:
     import sentencepiece as spm
 
@@ -91,7 +86,7 @@ def sentencepiece(model_file: Path) -> Tokenizer:
         processor.get_piece_size(),
         lambda text: np.asarray(processor.encode(text), np.int32),
         lambda tokens: processor.decode([int(t) for t in tokens]),
-        {"kind": "sentencepiece", "file": model_file.name, "sha256": _sha256(model_file)},
+        {"kind": "sentencepiece", "file": model_file.name, "sha256": sha256_file(model_file)},
         (model_file,),
         bos if bos >= 0 else None,
         eos if eos >= 0 else None,
@@ -135,7 +130,7 @@ def huggingface(path: Path, specials: tuple[int | None, int | None] | None = Non
     except Exception as error:  # the library raises a bare Exception on any bad file
         raise DataError(f"{path} is not a Hugging Face tokenizer.json ({error})") from None
     bos_id, eos_id = specials if specials is not None else _special_ids(hf, path)
-    entry = {"kind": "huggingface", "file": path.name, "sha256": _sha256(path)}
+    entry = {"kind": "huggingface", "file": path.name, "sha256": sha256_file(path)}
     return Tokenizer(
         f"huggingface:{path.name}",
         hf.get_vocab_size(with_added_tokens=True),
@@ -185,11 +180,13 @@ def from_index(index: dict[str, Any], directory: Path) -> Tokenizer:
         path = directory / str(entry.get("file"))
         if not path.is_file():
             raise DataError(f"tokenizer file {path} is missing: rerun prepare-data")
-        if _sha256(path) != entry.get("sha256"):
-            raise DataError(f"tokenizer file {path} differs from the one the shards were made with")
         if kind == "sentencepiece":
-            return sentencepiece(path)
-        return huggingface(path, (entry.get("bos_id"), entry.get("eos_id")))
+            tokenizer = sentencepiece(path)
+        else:
+            tokenizer = huggingface(path, (entry.get("bos_id"), entry.get("eos_id")))
+        if tokenizer.index_entry["sha256"] != entry.get("sha256"):  # hashed once, when built
+            raise DataError(f"tokenizer file {path} differs from the one the shards were made with")
+        return tokenizer
     raise DataError(f"{directory} records an unknown tokenizer {entry!r}")
 
 

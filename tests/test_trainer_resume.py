@@ -86,7 +86,14 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(
     tmp_path: Path, uninterrupted: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    killed_then_resumed(run_dir)
+    process = start(run_dir)
+    run_until(process, "step    13 |")  # checkpoint 5 is committed, 10 may still be in flight
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    resumed = start(run_dir)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert re.search(r"resumed from step (5|10) ", output), output
     assert losses(run_dir) == losses(uninterrupted)  # exact floats, every step
     for a, b in zip(final_params(run_dir), final_params(uninterrupted), strict=True):
         assert a.tobytes() == b.tobytes()
@@ -94,33 +101,12 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(
     assert any(Path(cache).iterdir())  # unless JAX's variable names one: the resumed run reuses it
 
 
-def test_kill_9_on_a_trained_bpe_resumes_bit_for_bit(
+def test_sigterm_on_a_trained_bpe_checkpoints_exits_143_and_resumes_bit_for_bit(
     tmp_path: Path, bpe_data: list[str], uninterrupted_on_bpe: Path
 ) -> None:
+    """On shards under a tokenizer trained by prepare-data, which the run keeps with it."""
     run_dir = tmp_path / "run"
-    killed_then_resumed(run_dir, *bpe_data)
-    assert losses(run_dir) == losses(uninterrupted_on_bpe)
-    for a, b in zip(final_params(run_dir), final_params(uninterrupted_on_bpe), strict=True):
-        assert a.tobytes() == b.tobytes()
-
-
-def killed_then_resumed(run_dir: Path, *extra: str) -> None:
-    """A run killed with SIGKILL at step 13, then run again to the end."""
-    process = start(run_dir, *extra)
-    run_until(process, "step    13 |")  # checkpoint 5 is committed, 10 may still be in flight
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    resumed = start(run_dir, *extra)
-    output, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, output
-    assert re.search(r"resumed from step (5|10) ", output), output
-
-
-def test_sigterm_checkpoints_and_exits_143_and_resume_continues(
-    tmp_path: Path, uninterrupted: Path
-) -> None:
-    run_dir = tmp_path / "run"
-    process = start(run_dir)
+    process = start(run_dir, *bpe_data)
     run_until(process, "step     7 |")
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
@@ -129,10 +115,12 @@ def test_sigterm_checkpoints_and_exits_143_and_resume_continues(
     assert stopped, output
     step = int(stopped[0].split("after step ")[1].split(":")[0])
     assert 7 <= step < 20 and (run_dir / "checkpoints" / str(step)).is_dir()
-    resumed = start(run_dir)
+    resumed = start(run_dir, *bpe_data)
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0 and f"resumed from step {step}" in output, output
-    assert losses(run_dir) == losses(uninterrupted)
+    assert losses(run_dir) == losses(uninterrupted_on_bpe)
+    for a, b in zip(final_params(run_dir), final_params(uninterrupted_on_bpe), strict=True):
+        assert a.tobytes() == b.tobytes()
 
 
 def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ them, are mesh shapes over this one table: the model code never changes.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rtdlm.model import build_with_stats, memory_estimate, params_axes
+from rtdlm.model import ModelConfig, build_with_stats, memory_estimate, params_axes
 from rtdlm.train.config import ConfigError, MeshConfig, RunConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -143,7 +144,7 @@ def device_memory(cfg: RunConfig, shape: dict[str, int]) -> DeviceMemory:
     """Per-device memory from the config and the mesh shape alone (no devices needed), by the
     same RULES the step is compiled with. Conservative: activations split by `tensor` are not
     credited (tests hold it to the compiled program's memory_analysis)."""
-    shapes = _param_shapes(cfg)
+    shapes = _param_shapes(cfg.model)
     params = gathered = 0
     for module, leaves in params_axes(shapes).items():
         for name, axes in leaves.items():
@@ -165,9 +166,11 @@ def device_memory(cfg: RunConfig, shape: dict[str, int]) -> DeviceMemory:
     )
 
 
-def _param_shapes(cfg: RunConfig) -> Any:
+@functools.lru_cache(maxsize=16)
+def _param_shapes(model: ModelConfig) -> Any:
+    """Traced once per model config: the planner asks for every batch size it tries."""
     return jax.eval_shape(
-        lambda: build_with_stats(cfg.model).init(
+        lambda: build_with_stats(model).init(
             jax.random.PRNGKey(0), jax.numpy.zeros((1, 1), jax.numpy.int32)
         )
     )
@@ -175,7 +178,7 @@ def _param_shapes(cfg: RunConfig) -> Any:
 
 def check_divisible(cfg: RunConfig, shape: dict[str, int]) -> None:
     """Every sharded parameter dimension must split evenly over its mesh axes."""
-    shapes = _param_shapes(cfg)
+    shapes = _param_shapes(cfg.model)
     for module, leaves in params_axes(shapes).items():
         for name, axes in leaves.items():
             for size, logical in zip(shapes[module][name].shape, axes, strict=True):

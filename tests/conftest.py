@@ -42,6 +42,19 @@ def tool() -> Callable[[str], str]:
     return find
 
 
+@pytest.fixture(scope="session")
+def hf_python() -> str:
+    """A Python with transformers and torch (build-support/hf-venv.sh): $RTDLM_HF_PYTHON."""
+    python = os.environ.get("RTDLM_HF_PYTHON")
+    if python:
+        return python
+    missing_tool(
+        "RTDLM_HF_PYTHON names no Python with transformers, so this interop test cannot run: "
+        "build-support/hf-venv.sh makes one and prints its path",
+        "RTDLM_REQUIRE_HF",
+    )
+
+
 # The run the app tests train unless a test needs another: the tiny preset at one layer of d_model
 # 64 on batches of 2 x 32 tokens, without the closing sample. The same shapes in every file, so
 # the test run's shared compilation cache (pants.toml) compiles each step once. A configured peak:

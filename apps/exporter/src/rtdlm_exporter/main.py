@@ -15,6 +15,7 @@ import numpy as np
 
 from rtdlm.ckpt import CheckpointError
 from rtdlm.data import DataError, Tokenizer, from_index, load_data, load_held_out
+from rtdlm.export import hf as hf_export
 from rtdlm.export import int8, onnx_export, quality
 from rtdlm.export.artifact import (
     CheckFailed,
@@ -24,9 +25,10 @@ from rtdlm.export.artifact import (
     load_checkpoint,
 )
 from rtdlm.export.onnx_runtime import OnnxModel, check_context
-from rtdlm.model import generate
+from rtdlm.model import generate, hf
 
-BAD_INPUT = (ExportError, CheckpointError, DataError)
+BAD_INPUT = (ExportError, CheckpointError, DataError, hf.HfError)
+HF_CHECK_TEXTS = 8  # held-out rows, decoded, that both tokenizers must encode alike
 
 
 def step_arg(text: str) -> int | str:
@@ -41,14 +43,17 @@ def step_arg(text: str) -> int | str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="exporter",
-        description="Export a trained RT-DLM checkpoint as a checked INT8 or ONNX artifact, "
-        "verify one, or generate text with one.",
+        description="Export a trained RT-DLM checkpoint as a checked INT8, ONNX or Hugging Face "
+        "artifact, verify one, or generate text with one.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     quantize = commands.add_parser("quantize", help="weight-only INT8 artifact that JAX runs")
     onnx = commands.add_parser("onnx", help="ONNX prefill and decode graphs with a KV cache")
     verify = commands.add_parser("verify", help="run an ONNX artifact's checks again")
-    for command in (quantize, onnx, verify):
+    hf_layout = commands.add_parser(
+        "hf", help="Hugging Face LlamaForCausalLM directory, checked with transformers"
+    )
+    for command in (quantize, onnx, verify, hf_layout):
         command.add_argument("--checkpoint", type=Path, required=True, help="a run (dir)")
         command.add_argument("--step", type=step_arg, help="step or 'best' (default: newest)")
         command.add_argument("--data", type=Path, help="held-out data (default: the run's)")
@@ -60,11 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             metavar="PERCENT",
             help="fail when held-out perplexity rises more than this over float32 (default 2)",
         )
-    for command in (quantize, onnx):
+    for command in (quantize, onnx, hf_layout):
         command.add_argument("--out", type=Path, required=True, help="artifact directory")
         command.add_argument("--force", action="store_true", help="replace an existing --out")
     onnx.add_argument("--int8", action="store_true", help="INT8 MatMul weights (ONNX Runtime)")
     verify.add_argument("--onnx", type=Path, required=True, help="the ONNX artifact directory")
+    hf_layout.add_argument("--dtype", choices=sorted(hf.DTYPES), default="float32")
+    hf_layout.add_argument(
+        "--hf-python",
+        help=f"a Python with transformers and torch for the check (default: ${hf_export.PYTHON_ENV}"
+        ", else this one)",
+    )
     run = commands.add_parser("generate", help="continue a prompt with an exported artifact")
     run.add_argument("--model", type=Path, required=True, help="an INT8 or ONNX artifact dir")
     run.add_argument("--prompt", required=True)
@@ -123,6 +134,18 @@ def export(args: argparse.Namespace) -> None:
             f"limit {limit:.2%})\ngreedy, float32: {text(tokenizer, c.greedy_reference)}\n"
             f"greedy, int8:    {text(tokenizer, c.greedy_measured)} ({c.greedy_agreement} of "
             f"{c.greedy_reference.size} tokens agree)\nwritten to {args.out}"
+        )
+        return
+    if args.command == "hf":
+        texts = [tokenizer.decode(row) for row in rows[:HF_CHECK_TEXTS]]
+        r = hf_export.export_hf(
+            trained, rows, texts, args.out, tokenizer, args.hf_python, args.dtype, args.force
+        )
+        print(
+            f"Hugging Face {hf.ARCHITECTURE}, {args.dtype}, step {step}: {r.bytes:,} bytes in "
+            f"{', '.join(r.files)}\nchecked with transformers {r.versions['transformers']} "
+            f"(torch {r.versions['torch']}): " + "; ".join(r.checks) + "\n"
+            f"greedy: {text(tokenizer, r.greedy)}\nwritten to {args.out}"
         )
         return
     if args.command == "onnx":

@@ -1,0 +1,268 @@
+"""The Hugging Face Llama layout: our parameters under `LlamaForCausalLM`'s names, and back.
+
+Our block is Llama's (pre-norm RMSNorm, rotary positions, grouped-query attention, SwiGLU,
+optionally tied embeddings), so the two differ in names and layout only:
+
+- Haiku's dense weights are [in, out]; torch's Linear keeps [out, in]: each matrix is
+  transposed, nothing else.
+- Both rotate the two halves of each head (`rotate_half`, not interleaved pairs) with
+  frequencies base^(-2i / head_dim): q and k need no permutation.
+- Norm scales, embeddings and, untied, the output projection map one to one.
+
+`config.json` says everything our config implies; reading one back refuses what our model does
+not compute (biases, scaled or windowed attention, another activation) rather than guess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from rtdlm.model.config import ModelConfig
+from rtdlm.model.transformer import stack_layers, unstack_layers
+
+Params = Mapping[str, Mapping[str, Any]]
+
+ARCHITECTURE = "LlamaForCausalLM"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+# (Hugging Face name per layer, our module, our parameter, transposed)
+_LAYER = [
+    ("input_layernorm.weight", "attn_norm", "scale", False),
+    ("self_attn.q_proj.weight", "attn/query", "w", True),
+    ("self_attn.k_proj.weight", "attn/key", "w", True),
+    ("self_attn.v_proj.weight", "attn/value", "w", True),
+    ("self_attn.o_proj.weight", "attn/out", "w", True),
+    ("post_attention_layernorm.weight", "mlp_norm", "scale", False),
+    ("mlp.gate_proj.weight", "mlp/gate", "w", True),
+    ("mlp.up_proj.weight", "mlp/up", "w", True),
+    ("mlp.down_proj.weight", "mlp/down", "w", True),
+]
+
+
+class HfError(ValueError):
+    """A Hugging Face checkpoint (or a model headed for one) the other side cannot represent,
+    as one line naming the field."""
+
+
+def _names(cfg: ModelConfig) -> list[tuple[str, str, str, bool]]:
+    """Every (HF name, our module, our parameter, transposed) of a model of `cfg`."""
+    names = [("model.embed_tokens.weight", "embed", "embeddings", False)]
+    for i in range(cfg.num_layers):
+        names += [(f"model.layers.{i}.{hf}", f"block_{i}/{m}", p, t) for hf, m, p, t in _LAYER]
+    names.append(("model.norm.weight", "final_norm", "scale", False))
+    if not cfg.tie_embeddings:
+        names.append(("lm_head.weight", "unembed", "w", True))
+    return names
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    if cfg.moe_every:
+        raise HfError(
+            "a mixture-of-experts model has no Llama layout, and Mixtral's differs from ours: "
+            "every Mixtral layer is a mixture where ours mixes dense blocks in (model.moe_every), "
+            "and ours drops tokens over an expert's capacity (model.capacity_factor), which "
+            "Mixtral never does"
+        )
+
+
+def hf_config(
+    cfg: ModelConfig,
+    dtype: str = "float32",
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+) -> dict[str, Any]:
+    """config.json for `cfg`: every field transformers' LlamaConfig reads, stated."""
+    check_exportable(cfg)
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_base,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,  # nosec B105 # a token id, not a password
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+
+def to_hf(params: Params, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Our float parameters (looped or scanned layout) as Hugging Face tensors in `dtype`."""
+    check_exportable(cfg)
+    if cfg.scan_layers:
+        params = unstack_layers(params, cfg)
+    tensors = {}
+    for hf, module, name, transposed in _names(cfg):
+        value = np.asarray(params[module][name], np.float32)
+        tensors[hf] = np.ascontiguousarray((value.T if transposed else value).astype(DTYPES[dtype]))
+    return tensors
+
+
+def from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> Params:
+    """Hugging Face tensors as our float32 parameters, in `cfg`'s layout (scanned or looped)."""
+    names = _names(cfg)
+    expected = {hf for hf, *_ in names}
+    missing = sorted(expected - set(tensors))
+    extra = sorted(set(tensors) - expected - {"lm_head.weight"})  # tied: HF may still save it
+    if missing or extra:
+        which = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which Llama has not"
+        raise HfError(f"the checkpoint {which} ({len(missing)} missing, {len(extra)} unknown)")
+    params: dict[str, dict[str, Any]] = {}
+    for hf, module, name, transposed in names:
+        value = np.asarray(tensors[hf]).astype(np.float32)
+        params.setdefault(module, {})[name] = np.ascontiguousarray(value.T if transposed else value)
+    shapes = {  # what the config says each of ours should be
+        ("embed", "embeddings"): (cfg.vocab_size, cfg.d_model),
+        ("block_0/attn/key", "w"): (cfg.d_model, cfg.num_kv_heads * cfg.head_dim),
+        ("block_0/mlp/gate", "w"): (cfg.d_model, cfg.ffn_dim),
+    }
+    for (module, name), shape in shapes.items():
+        if params[module][name].shape != shape:
+            raise HfError(
+                f"{module}/{name} is {params[module][name].shape} in the weights, but config.json "
+                f"implies {shape}"
+            )
+    return stack_layers(params, cfg) if cfg.scan_layers else params
+
+
+def _refuse(field: str, value: Any, why: str) -> HfError:
+    return HfError(f"config.json: {field}={value!r} is not supported: {why}")
+
+
+def model_config(config: Mapping[str, Any], seq_len: int | None = None) -> ModelConfig:
+    """Our ModelConfig for a Llama-architecture config.json, or HfError naming the first
+    field our model would compute differently. `seq_len` defaults to max_position_embeddings."""
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or [ARCHITECTURE]
+    if model_type != "llama" or ARCHITECTURE not in architectures:
+        raise _refuse("model_type", model_type, f"only {ARCHITECTURE} (model_type llama) loads")
+    for field, ok, why in (
+        ("attention_bias", False, "our attention has no biases"),
+        ("mlp_bias", False, "our MLP has no biases"),
+        ("hidden_act", "silu", "our MLP is SwiGLU (silu)"),
+        ("rope_scaling", None, "our rotary positions are unscaled"),
+        ("sliding_window", None, "our attention sees the whole context"),
+    ):
+        if config.get(field, ok) != ok:
+            raise _refuse(field, config[field], why)
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise _refuse("rope_parameters.rope_type", rope["rope_type"], "ours is the default")
+    d_model, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = config.get("head_dim")
+    if head_dim is not None and int(head_dim) * heads != d_model:
+        raise _refuse("head_dim", head_dim, "ours is hidden_size / num_attention_heads")
+    try:
+        return ModelConfig(
+            d_model=d_model,
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            seq_len=int(seq_len or config.get("max_position_embeddings") or 2048),
+            vocab_size=int(config["vocab_size"]),
+            d_ff=int(config["intermediate_size"]),
+            rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10_000.0))),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        )
+    except KeyError as error:
+        raise HfError(f"config.json has no {error.args[0]}") from None
+    except ValueError as error:
+        raise HfError(f"config.json: {error}") from None
+
+
+def save(
+    directory: str | os.PathLike[str],
+    tensors: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> list[str]:
+    """config.json and the weights into `directory`: one model.safetensors, or shards of at
+    most `max_shard_bytes` with model.safetensors.index.json above that. The files written."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, value in tensors.items():
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    metadata = {"format": "pt"}  # what transformers checks for
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS), metadata=metadata)
+        return [CONFIG, WEIGHTS]
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, shard in zip(files, shards, strict=True):
+        save_file(shard, str(directory / file), metadata=metadata)
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+        "weight_map": {
+            name: file for file, shard in zip(files, shards, strict=False) for name in shard
+        },
+    }
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [CONFIG, *files, INDEX]
+
+
+def load(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """config.json and every tensor of a Hugging Face checkpoint directory, sharded or not."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except FileNotFoundError:
+        raise HfError(
+            f"{directory} has no {CONFIG}: is it a Hugging Face model directory?"
+        ) from None
+    except ValueError as error:
+        raise HfError(f"{directory / CONFIG} is not JSON ({error})") from None
+    if (directory / INDEX).is_file():
+        files = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
+    elif (directory / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    else:
+        raise HfError(f"{directory} has neither {WEIGHTS} nor {INDEX} (only safetensors load)")
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        try:
+            tensors.update(load_file(str(directory / file)))
+        except (SafetensorError, OSError) as error:
+            raise HfError(
+                f"{directory / file} is not a readable safetensors file ({error})"
+            ) from None
+    return config, tensors

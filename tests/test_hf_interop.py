@@ -1,0 +1,126 @@
+"""Hugging Face checkpoints out of a trained run, read by transformers itself in the Python that
+build-support/hf-venv.sh makes (RTDLM_HF_PYTHON): what a user of transformers gets must be
+what rtdlm.model computes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import SMALL_RUN
+
+from rtdlm.data import load_held_out
+from rtdlm.data.corpus import stdlib_documents
+from rtdlm.export.artifact import load_checkpoint
+from rtdlm.model import generate
+from rtdlm_exporter.main import main as exporter
+from rtdlm_trainer.main import main as trainer
+from rtdlm_trainer.prepare_data import main as prepare_data
+
+pytestmark = pytest.mark.slow
+
+FAST = [*SMALL_RUN, "--max-steps", "6", "--eval-every", "6", "--metrics-port", "0"]
+FAST += ["--set", "model.num_kv_heads=2", "--seq-len", "64"]  # grouped-query attention
+
+# A transformers user's few lines: AutoTokenizer, AutoModelForCausalLM, generate, decode.
+USER = """
+import json, sys, transformers
+directory, prompt, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+ids = tokenizer(prompt, return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:]
+text = tokenizer.decode(out, skip_special_tokens=True)
+print(json.dumps({"prompt": ids[0].tolist(), "new": out.tolist(), "text": text}))
+"""
+
+
+@pytest.fixture(scope="module")
+def bytes_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained run on the built-in data and byte tokenizer."""
+    run = tmp_path_factory.mktemp("bytes") / "run"
+    assert trainer([*FAST, "--run-dir", str(run)]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained run on shards under a BPE (with an EOS) that prepare-data trained."""
+    root = tmp_path_factory.mktemp("bpe")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in stdlib_documents()))
+    bpe = ["--train-tokenizer", "bpe", "--vocab-size", "300"]
+    assert prepare_data([str(corpus), "--output", str(root / "shards"), *bpe]) == 0
+    data = ["--set", f"data.path={root / 'shards'}"]
+    assert trainer([*FAST, *data, "--run-dir", str(root / "run")]) == 0
+    return root / "run"
+
+
+@pytest.mark.parametrize("trained_run", ["bytes_run", "bpe_run"])
+def test_transformers_loads_the_export_and_generates_what_rtdlm_does(
+    trained_run: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    hf_python: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run, out = request.getfixturevalue(trained_run), tmp_path / "hf"
+    assert (
+        exporter(["hf", "--checkpoint", str(run), "--out", str(out), "--hf-python", hf_python]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "within 1e-04" in printed and "the same 48 greedy tokens" in printed
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert json.loads((out / "artifact.json").read_text())["kind"] == "hf-llama"
+
+    done = subprocess.run(
+        [hf_python, "-c", USER, str(out), "The ", "24"], capture_output=True, text=True, check=True
+    )
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    trained = load_checkpoint(run)
+    _, tokenizer = load_held_out(run / "data")
+    prompt = tokenizer.prompt("The ")
+    assert theirs["prompt"] == prompt.tolist()
+    ours = generate(
+        trained.params,
+        prompt[None],
+        jax.random.PRNGKey(0),
+        cfg=trained.cfg,
+        max_new_tokens=24,
+        temperature=0.0,
+    ).tokens[0]
+    ours = np.asarray(ours).tolist()
+    if tokenizer.eos_id in ours:  # transformers' generate stops there
+        ours = ours[: ours.index(tokenizer.eos_id) + 1]
+    assert theirs["new"] == ours
+    if tokenizer.index_entry["kind"] != "bytes":  # a byte cut mid-character decodes either way
+        assert theirs["text"] == tokenizer.decode(np.asarray(ours))
+
+
+def test_a_failed_check_writes_nothing(
+    bytes_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Python without transformers fails the check; none at all is one line before any work."""
+    out = tmp_path / "hf"
+    export = ["hf", "--checkpoint", str(bytes_run), "--out", str(out)]
+    assert exporter([*export, "--hf-python", sys.executable]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("exporter: check failed: transformers could not load the export: ")
+    assert "No module named" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.delenv("RTDLM_HF_PYTHON", raising=False)
+    assert exporter(export) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("exporter: error: exporter hf proves the export with transformers")
+    assert "--hf-python" in err and "build-support/hf-venv.sh" in err
+    assert list(tmp_path.iterdir()) == []

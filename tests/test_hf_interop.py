@@ -1,6 +1,6 @@
-"""Hugging Face checkpoints out of a trained run, read by transformers itself in the Python that
-build-support/hf-venv.sh makes (RTDLM_HF_PYTHON): what a user of transformers gets must be
-what rtdlm.model computes."""
+"""Hugging Face checkpoints out of a trained run and into a new one, with transformers itself in
+the Python that build-support/hf-venv.sh makes (RTDLM_HF_PYTHON): what a user of transformers
+gets must be what rtdlm.model computes, both ways."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 from conftest import SMALL_RUN
 
+from rtdlm.ckpt import restore_params
 from rtdlm.data import load_held_out
 from rtdlm.data.corpus import stdlib_documents
+from rtdlm.data.hf import byte_tokenizer_json
 from rtdlm.export.artifact import load_checkpoint
-from rtdlm.model import generate
+from rtdlm.model import build, generate, hf
 from rtdlm_exporter.main import main as exporter
 from rtdlm_trainer.main import main as trainer
 from rtdlm_trainer.prepare_data import main as prepare_data
@@ -124,3 +126,79 @@ def test_a_failed_check_writes_nothing(
     assert err.startswith("exporter: error: exporter hf proves the export with transformers")
     assert "--hf-python" in err and "build-support/hf-venv.sh" in err
     assert list(tmp_path.iterdir()) == []
+
+
+# A Llama made and saved by transformers itself (random weights, no download), with its logits
+# on fixed tokens: what our import must reproduce.
+MAKE_LLAMA = """
+import sys, numpy, torch, transformers
+directory, bias = sys.argv[1], sys.argv[2] == "bias"
+torch.manual_seed(0)
+config = transformers.LlamaConfig(
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=bias,
+)
+model = transformers.LlamaForCausalLM(config).eval()
+model.save_pretrained(directory)
+tokens = torch.tensor(numpy.random.default_rng(0).integers(0, 256, (2, 24)))
+with torch.no_grad():
+    numpy.save(f"{directory}/logits.npy", model(tokens).logits.numpy())
+numpy.save(f"{directory}/tokens.npy", tokens.numpy())
+"""
+
+
+def make_llama(hf_python: str, directory: Path, bias: bool = False) -> Path:
+    subprocess.run(
+        [hf_python, "-c", MAKE_LLAMA, str(directory), "bias" if bias else ""], check=True
+    )
+    (directory / "tokenizer.json").write_text(byte_tokenizer_json())  # our bytes, as exported
+    return directory
+
+
+def test_a_transformers_llama_imports_trains_resumes_and_exports_again(
+    tmp_path: Path, hf_python: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    llama = make_llama(hf_python, tmp_path / "llama")
+    config, tensors = hf.load(llama)
+    cfg = hf.model_config(config)
+    ours = build(cfg).apply(hf.from_hf(tensors, cfg), None, np.load(llama / "tokens.npy"))
+    np.testing.assert_allclose(ours, np.load(llama / "logits.npy"), atol=1e-4)
+
+    run = tmp_path / "run"
+    start = [*SMALL_RUN, "--run-dir", str(run), "--init-from", str(llama), "--no-metrics"]
+    start += ["--set", "model.num_layers=2", "--set", "optimizer.learning_rate=1e-9"]
+    assert trainer([*start, "--max-steps", "1", "--eval-every", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "d_model: 64" in printed and "num_kv_heads: 2" in printed and "d_ff: 96" in printed
+    first = restore_params(run / "checkpoints")
+    for module, leaves in hf.from_hf(tensors, cfg).items():  # one step at a rate of ~1e-10
+        for name, value in leaves.items():
+            np.testing.assert_allclose(first.params[module][name], value, atol=1e-8)
+
+    assert trainer([*start, "--max-steps", "3", "--eval-every", "3"]) == 0
+    assert "resumed from step 1" in capsys.readouterr().out
+    out = tmp_path / "hf"
+    assert (
+        exporter(["hf", "--checkpoint", str(run), "--out", str(out), "--hf-python", hf_python]) == 0
+    )
+    _, exported = hf.load(out)
+    last = restore_params(run / "checkpoints")
+    assert last.step == 3
+    for module, leaves in hf.from_hf(exported, cfg).items():  # import(export(checkpoint))
+        for name, value in leaves.items():
+            assert np.asarray(last.params[module][name]).tobytes() == value.tobytes()
+
+
+def test_a_checkpoint_our_model_cannot_compute_is_one_line_and_writes_nothing(
+    tmp_path: Path, hf_python: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    llama = make_llama(hf_python, tmp_path / "llama", bias=True)
+    run = tmp_path / "run"
+    assert trainer([*SMALL_RUN, "--run-dir", str(run), "--init-from", str(llama)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"trainer: error: train.init_from {llama}: config.json: attention_bias=True is not "
+        "supported: our attention has no biases"
+    )
+    assert not run.exists()

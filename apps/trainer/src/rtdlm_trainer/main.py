@@ -57,6 +57,7 @@ SHORTCUTS = [  # flag, config key, type or fixed value: each is --set KEY=VALUE 
     ("--peak-flops", "metrics.peak_flops", float),
     ("--profile", "train.profile_steps", "3"),  # a flag: a fixed value, traces steps 3-5
     ("--no-metrics", "metrics.enabled", "false"),
+    ("--init-from", "train.init_from", str),  # a Hugging Face Llama checkpoint directory
 ]
 
 

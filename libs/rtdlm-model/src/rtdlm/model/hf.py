@@ -237,20 +237,28 @@ def save(
     return [CONFIG, *files, INDEX]
 
 
-def load(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """config.json and every tensor of a Hugging Face checkpoint directory, sharded or not."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """config.json of a Hugging Face checkpoint directory."""
     directory = Path(directory)
     try:
         config = json.loads((directory / CONFIG).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise HfError(
             f"{directory} has no {CONFIG}: is it a Hugging Face model directory?"
         ) from None
     except ValueError as error:
         raise HfError(f"{directory / CONFIG} is not JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise HfError(f"{directory / CONFIG} is not a JSON object")
+    return config
+
+
+def load(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """config.json and every tensor of a Hugging Face checkpoint directory, sharded or not."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    config, directory = read_config(directory), Path(directory)
     if (directory / INDEX).is_file():
         files = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
     elif (directory / WEIGHTS).is_file():

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from rtdlm.model import PRESETS, ModelConfig, preset
+from rtdlm.model import PRESETS, ModelConfig, hf, preset
 
 
 class ConfigError(ValueError):
@@ -78,6 +78,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # or "rollback": reload the last checkpoint and go on
     on_checkpoint_error: str = "stop"  # or "continue": train on, retry at the next cadence
     profile_steps: int = 0  # trace this many steps (after two warm-up steps) into profile/
+    # A Hugging Face Llama checkpoint directory to start from (rtdlm.train.init_from): its
+    # config.json fixes the model's shape, its weights are step 0's. A resume ignores it.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "train", "max_steps", "eval_every", "checkpoint_every")
@@ -302,6 +305,10 @@ def resolve(
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"unknown preset {_describe(name)}; choose one of {', '.join(PRESETS)}")
     overrides = _merge(_merge({}, PRESET_RUNS.get(name, {})), overrides)
+    train, model_keys = overrides.get("train"), overrides.get("model") or {}
+    init_from = train.get("init_from") if isinstance(train, Mapping) else None
+    if init_from and isinstance(init_from, str) and isinstance(model_keys, Mapping):
+        overrides["model"] = _from_checkpoint(init_from, model_keys)  # (bad types: _build's)
     model = preset(name) if vocab_size is None else preset(name, vocab_size=vocab_size)
     cfg = _build(RunConfig, RunConfig(preset=name, model=model), overrides, "")
     if vocab_size is not None and cfg.model.vocab_size < vocab_size:
@@ -310,6 +317,46 @@ def resolve(
             f"({vocab_size}): drop the model.vocab_size override or use matching data"
         )
     return cfg
+
+
+# What a Hugging Face checkpoint fixes of the model; how it runs (dtype, attention, remat,
+# scan, context) stays the run's choice.
+ARCHITECTURE: tuple[str, ...] = ("d_model", "num_layers", "num_heads", "num_kv_heads")
+ARCHITECTURE += ("vocab_size", "d_ff", "rope_base", "tie_embeddings", "norm_eps")
+
+
+def _from_checkpoint(directory: str, model: Mapping[str, Any]) -> dict[str, Any]:
+    """The model overrides with the architecture train.init_from's config.json fixes; a field
+    set otherwise, or one our model cannot compute, is a ConfigError. A config that states
+    every such field (a run's saved config.yaml) is taken as it is."""
+    if all(name in model for name in ARCHITECTURE):
+        return dict(model)
+    try:
+        fixed = hf.model_config(hf.read_config(directory))
+    except hf.HfError as error:
+        raise ConfigError(f"train.init_from {directory}: {error}") from None
+    merged = dict(model)
+    for name in ARCHITECTURE:
+        value = getattr(fixed, name)
+        if name in model and not _same(model[name], value):
+            raise ConfigError(
+                f"model.{name} is set to {model[name]!r}, but the checkpoint in train.init_from "
+                f"({directory}) has {value!r}: drop the override"
+            )
+        merged[name] = value
+    return merged
+
+
+def _same(given: Any, value: Any) -> bool:
+    """Whether an override (a --set string, or a YAML value) means `value`."""
+    if isinstance(value, bool):
+        return str(given).lower() == str(value).lower()
+    if isinstance(value, int | float) and isinstance(given, str | int | float):
+        try:
+            return float(given) == value
+        except ValueError:
+            return False
+    return bool(given == value)
 
 
 # Keys a resumed run may change: how long and how often, never what is trained or how.

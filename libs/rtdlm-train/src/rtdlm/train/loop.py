@@ -167,6 +167,11 @@ def init_state(
     params = model.init(
         jax.random.PRNGKey(cfg.train.seed), jnp.zeros((1, cfg.model.seq_len), jnp.int32)
     )
+    return state_from(params, optimizer)
+
+
+def state_from(params: hk.Params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0 of training `params` (random or loaded), with a fresh optimizer state."""
     step, nonfinite_in_row = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers:
     return TrainState(step, params, optimizer.init(params), nonfinite_in_row)  # both donated
 

@@ -45,6 +45,7 @@ from rtdlm.train.config import (
     to_dict,
     to_yaml,
 )
+from rtdlm.train.init_from import check_tokenizer, initial_params
 from rtdlm.train.loop import (
     Batch,
     StepMetrics,
@@ -54,6 +55,7 @@ from rtdlm.train.loop import (
     make_evaluate,
     make_optimizer,
     make_train_step,
+    state_from,
 )
 from rtdlm.train.rundir import RunDirError, RunDirLock
 from rtdlm.train.sharding import (
@@ -180,10 +182,16 @@ class Trainer:
                 restored = None if fresh else self._restore(manager, cfg, mesh)
                 if start_over or (restored is None and not fresh):  # all set aside, as asked
                     cfg = self._start_over()
+                initial = None
+                if restored is None and cfg.train.init_from:  # a resume has its own weights
+                    if self.tokenizer is not None:
+                        check_tokenizer(cfg.train.init_from, self.tokenizer, self.data.validation)
+                    initial = initial_params(cfg, mesh)
                 self._save_config(cfg)
                 if writer and self.tokenizer is not None and not (self.run_dir / "data").exists():
                     write_held_out(self.run_dir / "data", self.data.validation, self.tokenizer)
-                return _Run(cfg, self, manager, mesh, held_out).run(restored, should_stop)
+                run = _Run(cfg, self, manager, mesh, held_out)
+                return run.run(restored, should_stop, initial)
 
     def _settle_config(self) -> tuple[RunConfig, bool, bool]:
         """The config to run with, whether this is a fresh start, and whether it starts over in
@@ -355,10 +363,9 @@ class _Run:
         local = [self._local_rows(batch) for batch in held_out]
         self.evaluate = make_evaluate(model, [global_batch(mesh, *b) for b in local], mesh)
         shapes = jax.eval_shape(lambda: init_state(model, optimizer, cfg))
-        self.init = jax.jit(
-            lambda: init_state(model, optimizer, cfg),
-            out_shardings=state_shardings(mesh, optimizer, shapes),
-        )
+        shardings = state_shardings(mesh, optimizer, shapes)
+        self.init = jax.jit(lambda: init_state(model, optimizer, cfg), out_shardings=shardings)
+        self.start_from = jax.jit(lambda p: state_from(p, optimizer), out_shardings=shardings)
         self.flops_per_token = flops_per_token(cfg.model)
         self.peak, self.peak_raised = trainer.peak, False
         self.evals: list[EvalLog] = []
@@ -377,10 +384,14 @@ class _Run:
         self,
         restored: tuple[TrainState, dict[str, Any]] | None,
         should_stop: Callable[[], bool],
+        initial_params: Any = None,
     ) -> RunResult:
+        """From `restored`, else from `initial_params` (train.init_from's), else from a random
+        init."""
         started = time.perf_counter()
         if restored is None:
-            state, position = self.init(), None
+            start = self.init() if initial_params is None else self.start_from(initial_params)
+            state, position = start, None
         else:
             state, position = restored
             log.info("resumed from step %d in %s", int(state.step), self.manager.directory)

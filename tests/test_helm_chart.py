@@ -75,6 +75,8 @@ VARIANTS: dict[str, list[str]] = {
         "persistence.data.accessModes={ReadOnlyMany}",
         "training.activeDeadlineSeconds=86400",
         "training.ttlSecondsAfterFinished=3600",
+        "tracking.tensorboard=false",
+        "tracking.mlflow.uri=http://mlflow.ml:5000",
     ],
 }
 # Trainer config from a values file, as users pass it: these must reach the resolved config.
@@ -588,6 +590,19 @@ def test_metrics_off(render: Callable[..., list[dict[str, Any]]]) -> None:
     assert not by_kind(docs, "Service")
     (allow,) = (p for p in by_kind(docs, "NetworkPolicy") if "egress" in p["spec"])
     assert not allow["spec"].get("ingress")  # nothing may connect to the pod at all
+
+
+def test_tracking(render: Callable[..., list[dict[str, Any]]]) -> None:
+    container = trainer(one(render(VARIANTS["default"]), "Job"))
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert "--no-tensorboard" not in container["args"] and "MLFLOW_TRACKING_URI" not in env
+    assert env["MLFLOW_EXPERIMENT_NAME"] == "rtdlm"
+    sets = ["tracking.tensorboard=false", "tracking.mlflow.uri=http://mlflow.ml:5000"]
+    container = trainer(one(render([*sets, "tracking.mlflow.experiment=pretrain"]), "Job"))
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert "--no-tensorboard" in container["args"]
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.ml:5000"
+    assert env["MLFLOW_EXPERIMENT_NAME"] == "pretrain"
 
 
 # -- the trainer accepts what the chart renders --------------------------------------------------

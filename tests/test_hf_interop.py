@@ -202,3 +202,22 @@ def test_a_checkpoint_our_model_cannot_compute_is_one_line_and_writes_nothing(
         "supported: our attention has no biases"
     )
     assert not run.exists()
+
+
+def test_the_trainer_writes_the_layout_every_n_steps(tmp_path: Path, hf_python: str) -> None:
+    run = tmp_path / "run"
+    every = ["--set", "train.hf_export_every=3", "--max-steps", "6", "--checkpoint-every", "6"]
+    assert trainer([*SMALL_RUN, "--run-dir", str(run), "--no-metrics", *every]) == 0
+    assert sorted(p.name for p in (run / "hf").iterdir()) == ["3", "6"]
+    checkpoint = restore_params(run / "checkpoints")
+    _, tensors = hf.load(run / "hf" / "6")
+    for module, leaves in hf.from_hf(tensors, load_checkpoint(run).cfg).items():
+        for name, value in leaves.items():
+            assert np.asarray(checkpoint.params[module][name]).tobytes() == value.tobytes()
+    done = subprocess.run(
+        [hf_python, "-c", USER, str(run / "hf" / "3"), "The ", "4"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1])["prompt"] == list(b"The ")

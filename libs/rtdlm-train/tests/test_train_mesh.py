@@ -16,6 +16,7 @@ from typing import Any
 
 import mesh_worker
 import pytest
+from small_run import small_config
 
 pytestmark = pytest.mark.slow
 RTOL = 2e-5  # float32 sums in another order, over a few Adam steps
@@ -69,6 +70,20 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
+def llama(directory: Path) -> Path:
+    """The runs' model, randomly initialised with another seed, as a Hugging Face checkpoint."""
+    import jax
+    import numpy as np
+
+    from rtdlm.model import build, hf
+
+    cfg = small_config(*mesh_worker.RUN).model
+    params = build(cfg).init(jax.random.PRNGKey(7), np.zeros((1, 8), np.int32))
+    directory.mkdir()
+    hf.save(directory, hf.to_hf(params, cfg), hf.hf_config(cfg))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def runs(root: Path) -> dict[str, dict[str, Any]]:
     """Every run and memory plan the tests compare, in one worker process per device count (a
@@ -79,6 +94,9 @@ def runs(root: Path) -> dict[str, dict[str, Any]]:
     eight["moe split"] = [str(root / "moe split"), *MOE, "mesh.data=4", "mesh.expert=2"]
     eight["fsdp=8 straight"] = [str(root / "fsdp=8 straight"), "train.max_steps=8", *FSDP_8]
     plans = {f"plan {name}": [*PLANNED, *mesh] for name, mesh in MESHES.items()}
+    init_from = [f"train.init_from={llama(root / 'llama')}", "train.max_steps=4"]
+    one["init single"] = [str(root / "init single"), *init_from]
+    eight["init fsdp=8"] = [str(root / "init fsdp=8"), *init_from, *FSDP_8]
     trained = {**workers(one, devices=1), **workers({**eight, **plans})}
     for name in [*one, *eight]:
         assert trained[name]["status"] == "completed", name
@@ -130,6 +148,16 @@ def test_a_run_saved_as_fsdp_8_resumes_on_4_devices_as_data_2_fsdp_2(
     assert sorted(map(int, resumed["losses"])) == [5, 6, 7, 8]
     assert losses(resumed) == pytest.approx(losses(runs["fsdp=8 straight"])[4:], rel=RTOL)
     assert resumed["shards"]["block_0/attn/query/w"] == [16, 32]
+
+
+def test_a_hugging_face_checkpoint_loads_straight_into_its_shards(
+    runs: dict[str, dict[str, Any]],
+) -> None:
+    split, single = runs["init fsdp=8"], runs["init single"]
+    assert losses(split) == pytest.approx(losses(single), rel=RTOL)
+    assert split["evals"]["0"] == pytest.approx(single["evals"]["0"], rel=RTOL)
+    assert single["evals"]["0"] != pytest.approx(runs["single"]["evals"]["0"], rel=1e-3)
+    assert split["shards"]["block_0/attn/query/w"] == [4, 32]  # fsdp=8, as the rules say
 
 
 def test_a_mesh_that_does_not_fit_is_one_line() -> None:

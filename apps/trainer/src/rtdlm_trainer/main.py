@@ -29,6 +29,7 @@ from rtdlm.data.tokenizer import Tokenizer, load_data
 from rtdlm.metrics import ExporterError, PrometheusTrainingCallback, peak_flops, start_server
 from rtdlm.model import PRESETS, generate, param_count
 from rtdlm.train import (
+    Callback,
     ConfigError,
     Progress,
     Prometheus,
@@ -42,6 +43,7 @@ from rtdlm.train import (
     resolve,
 )
 from rtdlm.train.distributed import DistributedError
+from rtdlm.train.tracking import MLflow, TensorBoard
 from rtdlm.train.trainer import describe
 
 BAD_INPUT = (ConfigError, DataError, RunDirError, CheckpointError, ExporterError, DistributedError)
@@ -107,6 +109,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print sizes and costs, then exit")
     parser.add_argument(
         "--sample-tokens", type=int, default=120, help="text to generate at the end"
+    )
+    tracking = parser.add_argument_group("run tracking (process 0)")
+    tracking.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TensorBoard event files in RUN_DIR/tensorboard (default: yes)",
+    )
+    tracking.add_argument(
+        "--mlflow",
+        metavar="URI",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="log the run to this MLflow tracking server (default: $MLFLOW_TRACKING_URI); the "
+        "experiment is $MLFLOW_EXPERIMENT_NAME, else rtdlm",
     )
     hosts = parser.add_argument_group("multi-host jobs (or RTDLM_COORDINATOR_ADDRESS, ...)")
     hosts.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address")
@@ -254,11 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         f"MFU against {peak.source}" + (f" | metrics: {server.url}" if server else "")
     )
     progress = Progress(sys.stdout, cfg.train.max_steps, who)
+    callbacks: list[Callback] = [progress, Prometheus(metrics)]
+    if jax.process_index() == 0:  # one writer of the run's tracking
+        callbacks += [TensorBoard()] if args.tensorboard else []
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "rtdlm"
+        callbacks += [MLflow(args.mlflow, experiment)] if args.mlflow else []
     trainer = Trainer(
         cfg,
         data,
         run_dir,
-        [progress, Prometheus(metrics)],
+        callbacks,
         resume=args.resume,
         restart_if_all_corrupt=args.restart_if_all_corrupt,
         peak=peak,

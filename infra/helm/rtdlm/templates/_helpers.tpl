@@ -141,6 +141,9 @@ data volume filled in (the user's own data.path wins). */}}
 - --no-metrics
 {{- end }}
 - {{ ternary "--resume" "--no-resume" .Values.training.resume }}
+{{- if not .Values.tracking.tensorboard }}
+- --no-tensorboard
+{{- end }}
 {{- if .Values.distributed_training.enabled }}
 - --join-timeout
 - {{ .Values.distributed_training.joinTimeoutSeconds | quote }}
@@ -251,6 +254,12 @@ containers:
         valueFrom:
           fieldRef:
             fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
+      {{- end }}
+      - name: MLFLOW_EXPERIMENT_NAME
+        value: {{ .Values.tracking.mlflow.experiment | quote }}
+      {{- with .Values.tracking.mlflow.uri }}
+      - name: MLFLOW_TRACKING_URI
+        value: {{ . | quote }}
       {{- end }}
       {{- with $t.env }}
       {{- toYaml . | nindent 6 }}

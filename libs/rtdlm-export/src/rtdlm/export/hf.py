@@ -137,10 +137,7 @@ def export_hf(
 
     def build(directory: Path) -> dict[str, Any]:
         files = hf.save(directory, tensors, config)
-        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-        generation |= {"do_sample": False, "max_length": cfg.seq_len}
-        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        files += ["generation_config.json", *save_hf_tokenizer(tokenizer, directory, cfg.seq_len)]
+        files += save_hf_tokenizer(tokenizer, directory, cfg.seq_len)
         arrays, info = run_check(python, directory, request)
         report.update(check(arrays, info, expected_logits, expected_greedy, texts, tokenizer))
         report["files"] = files

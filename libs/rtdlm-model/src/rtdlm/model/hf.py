@@ -31,6 +31,7 @@ Params = Mapping[str, Mapping[str, Any]]
 
 ARCHITECTURE = "LlamaForCausalLM"
 CONFIG = "config.json"
+GENERATION = "generation_config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size
@@ -206,12 +207,16 @@ def save(
     config: Mapping[str, Any],
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> list[str]:
-    """config.json and the weights into `directory`: one model.safetensors, or shards of at
-    most `max_shard_bytes` with model.safetensors.index.json above that. The files written."""
+    """config.json, generation_config.json and the weights into `directory`: one
+    model.safetensors, or shards of at most `max_shard_bytes` with model.safetensors.index.json
+    above that. The files written."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)
     (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    generation = {key: config[key] for key in ("bos_token_id", "eos_token_id")}
+    generation |= {"do_sample": False, "max_length": config["max_position_embeddings"]}
+    (directory / GENERATION).write_text(json.dumps(generation, indent=2) + "\n")
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, value in tensors.items():
@@ -223,7 +228,7 @@ def save(
     metadata = {"format": "pt"}  # what transformers checks for
     if len(shards) == 1:
         save_file(shards[0], str(directory / WEIGHTS), metadata=metadata)
-        return [CONFIG, WEIGHTS]
+        return [CONFIG, GENERATION, WEIGHTS]
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for file, shard in zip(files, shards, strict=True):
         save_file(shard, str(directory / file), metadata=metadata)
@@ -234,7 +239,7 @@ def save(
         },
     }
     (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return [CONFIG, *files, INDEX]
+    return [CONFIG, GENERATION, *files, INDEX]
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:

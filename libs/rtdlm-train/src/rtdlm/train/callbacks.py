@@ -22,6 +22,7 @@ from rtdlm.train.rundir import RunDirError
 
 if TYPE_CHECKING:
     from rtdlm.metrics import PrometheusTrainingCallback
+    from rtdlm.train.config import RunConfig
     from rtdlm.train.trainer import RunResult
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class CheckpointLog:
 
 class Callback:
     """The hooks a run calls; each does nothing until overridden."""
+
+    def on_start(self, cfg: RunConfig, run_dir: Path, step: int) -> None:
+        """The run is settled (its config saved, any resume done) and starts at `step`."""
 
     def on_step(self, log: StepLog) -> None:
         pass

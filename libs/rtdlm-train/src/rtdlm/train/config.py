@@ -81,13 +81,16 @@ class TrainConfig:
     # A Hugging Face Llama checkpoint directory to start from (rtdlm.train.init_from): its
     # config.json fixes the model's shape, its weights are step 0's. A resume ignores it.
     init_from: str | None = None
+    # Every N steps, the parameters in the Hugging Face Llama layout in <run-dir>/hf/<step>
+    # (unchecked: `exporter hf` makes a checked one); 0: never.
+    hf_export_every: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "train", "max_steps", "eval_every", "checkpoint_every")
         _positive(self, "train", "keep_checkpoints", "max_nonfinite_in_row")
         _non_negative(self, "train", "seed", "z_loss_weight")
         _non_negative(self, "train", "moe_load_balance_weight", "moe_router_z_weight")
-        _non_negative(self, "train", "profile_steps")
+        _non_negative(self, "train", "profile_steps", "hf_export_every")
         if self.on_nonfinite not in ("stop", "rollback"):
             raise ConfigError(
                 f"train.on_nonfinite must be 'stop' or 'rollback', got {self.on_nonfinite!r}"
@@ -138,6 +141,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.hf_export_every and isinstance(self.model, ModelConfig):
+            try:
+                hf.check_exportable(self.model)
+            except hf.HfError as error:
+                raise ConfigError(f"train.hf_export_every: {error}") from None
 
 
 def _positive(cfg: object, section: str, *names: str) -> None:
@@ -369,6 +379,7 @@ RESUMABLE_CHANGES = (
     "train.on_nonfinite",
     "train.on_checkpoint_error",
     "train.profile_steps",
+    "train.hf_export_every",
     "data.prefetch",
     "metrics.",
     "mesh.",  # checkpoints reshard onto whatever mesh resumes them

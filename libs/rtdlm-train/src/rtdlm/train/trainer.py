@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -25,16 +26,18 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rtdlm import ckpt
 from rtdlm.data.corpus import Splits
+from rtdlm.data.hf import save_hf_tokenizer
 from rtdlm.data.pipeline import Prefetch, packed_batches
 from rtdlm.data.prepare import write_held_out
 from rtdlm.data.shards import DataError
 from rtdlm.data.tokenizer import Tokenizer
 from rtdlm.metrics import Peak, utilization
-from rtdlm.model import build_with_stats, flops_per_token, param_count
+from rtdlm.model import build_with_stats, flops_per_token, hf, param_count
 from rtdlm.train.callbacks import Callback, CheckpointLog, EvalLog, StepLog, StepsFile
 from rtdlm.train.config import (
     RunConfig,
@@ -352,6 +355,7 @@ class _Run:
         held_out: list[Batch],
     ) -> None:
         self.cfg, self.data, self.manager, self.mesh = cfg, trainer.data, manager, mesh
+        self.tokenizer = trainer.tokenizer
         tokenizer = {"tokenizer": trainer.tokenizer.index_entry} if trainer.tokenizer else {}
         self.checkpoint_config = {**to_dict(cfg), **tokenizer}  # what each checkpoint records
         writer = jax.process_index() == 0
@@ -396,6 +400,8 @@ class _Run:
             state, position = restored
             log.info("resumed from step %d in %s", int(state.step), self.manager.directory)
         self.start_step = int(state.step)
+        for callback in self.callbacks:
+            callback.on_start(self.cfg, self.run_dir, self.start_step)
         try:
             end = self._wind_down(self._train(state, position, should_stop, restored is None))
         finally:
@@ -532,6 +538,7 @@ class _Run:
             or step % train.checkpoint_every == 0
             or step == train.max_steps
             or (self.profiling and step == self._profile_end)
+            or (train.hf_export_every > 0 and step % train.hf_export_every == 0)
         )
 
     @property
@@ -625,7 +632,39 @@ class _Run:
             eval_loss = self._evaluate(step, state)
         if step % train.checkpoint_every == 0 or step == train.max_steps:
             self._save(step, state, position, eval_loss)
+        if train.hf_export_every and step % train.hf_export_every == 0:
+            self._export_hf(step, state)
         self.last_done = time.perf_counter()  # evaluation and saving are not step time
+
+    def _export_hf(self, step: int, state: TrainState) -> None:
+        """This step's parameters in the Hugging Face layout, in <run-dir>/hf/<step>: gathered
+        from every process, written by process 0 into a hidden directory renamed into place.
+        A failure is a warning: the checkpoints are the run's record."""
+        params = multihost_utils.process_allgather(state.params, tiled=True)
+        if jax.process_index() != 0:
+            return
+        started, out = time.perf_counter(), self.run_dir / "hf" / str(step)
+        staging = out.with_name(f".{step}.partial")
+        tokenizer = self.tokenizer
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            bos, eos = (tokenizer.bos_id, tokenizer.eos_id) if tokenizer else (None, None)
+            config = hf.hf_config(self.cfg.model, "float32", bos, eos)
+            hf.save(staging, hf.to_hf(params, self.cfg.model), config)
+            if tokenizer is not None:
+                try:
+                    save_hf_tokenizer(tokenizer, staging, self.cfg.model.seq_len)
+                except DataError as error:
+                    log.warning("Hugging Face layout of step %d has no tokenizer: %s", step, error)
+            shutil.rmtree(out, ignore_errors=True)
+            staging.rename(out)
+        except OSError as error:
+            log.warning("Hugging Face export at step %d failed: %s", step, error)
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        seconds = time.perf_counter() - started
+        log.info("Hugging Face layout of step %d in %s (%.1fs)", step, out, seconds)
 
     def _stop_profile(self) -> None:
         if self.profiling:

@@ -386,11 +386,12 @@ RESUMABLE_CHANGES = (
 )
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"section.key": value} of a nested mapping (a config as `to_dict` gives it)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            flat |= _flatten(value, f"{prefix}{key}.")
+            flat |= flatten(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -420,7 +421,7 @@ def for_resume(saved: RunConfig, requested: RunConfig, where: str) -> RunConfig:
     resumed = dataclasses.replace(
         requested, optimizer=dataclasses.replace(requested.optimizer, decay_steps=fixed)
     )
-    before, after = _flatten(to_dict(for_first_start(saved))), _flatten(to_dict(resumed))
+    before, after = flatten(to_dict(for_first_start(saved))), flatten(to_dict(resumed))
     changed = [
         key
         for key in after

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rtdlm.train.callbacks import Callback, EvalLog, StepLog
-from rtdlm.train.config import RunConfig, to_dict, to_yaml
+from rtdlm.train.config import RunConfig, flatten, to_dict, to_yaml
 
 if TYPE_CHECKING:
     from rtdlm.train.trainer import RunResult
@@ -70,16 +70,6 @@ class TensorBoard(Callback):
             self.writer.close()
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
-
-
 class MLflow(Callback):
     """An MLflow run per training run (the same one again on resume): the resolved config as
     params, metrics per step and evaluation, config.yaml and the summary as artifacts, and the
@@ -109,7 +99,7 @@ class MLflow(Callback):
             experiment = experiment or self.client.create_experiment(self.experiment)
             self.run_id = self.client.create_run(experiment, run_name=run_dir.name).info.run_id
             id_file.write_text(self.run_id + "\n")
-            self._log(params=_flat(to_dict(cfg)))
+            self._log(params={k: str(v) for k, v in flatten(to_dict(cfg)).items()})
         except Exception as error:  # any failure: untracked, never stopped
             self._give_up(error)
 

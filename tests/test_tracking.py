@@ -124,3 +124,21 @@ def test_a_tracking_server_that_is_down_is_one_warning_and_training_goes_on(
     assert len(warnings) == 1 and f"MLflow at {down} failed" in warnings[0], out
     assert "training goes on untracked" in warnings[0]
     assert sorted(steps(run)) == list(range(1, 7)) and not (run / "mlflow-run-id").exists()
+
+
+def test_a_stopped_run_is_killed_in_mlflow(tmp_path: Path, mlflow_uri: str) -> None:
+    """The library path: a Trainer with the MLflow callback, stopped after its first step."""
+    from mlflow.tracking import MlflowClient
+
+    from rtdlm.data import split_documents, stdlib_documents
+    from rtdlm.train import Trainer, resolve
+    from rtdlm.train.tracking import MLflow
+
+    sets = ["model.num_layers=1", "model.d_model=64", "model.seq_len=32", "data.batch_size=2"]
+    cfg = resolve("tiny", sets=[*sets, "metrics.enabled=false"], vocab_size=256)
+    run, tracking = tmp_path / "stopped", MLflow(mlflow_uri, experiment="stopped")
+    data = split_documents(stdlib_documents())
+    result = Trainer(cfg, data, run, [tracking], compile_cache=False).run(lambda: True)
+    assert result.status == "stopped"
+    found = MlflowClient(mlflow_uri).get_run((run / "mlflow-run-id").read_text().strip())
+    assert found.info.status == "KILLED" and found.info.run_name == "stopped"

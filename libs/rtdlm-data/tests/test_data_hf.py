@@ -2,16 +2,24 @@
 engine of transformers' fast tokenizers; tests/test_hf_interop.py loads them with AutoTokenizer)."""
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HfTokenizer
 
-from rtdlm.data import BYTES, DataError, train_bpe
+from rtdlm.data import BYTES, DataError, huggingface, sentencepiece, train_bpe
 from rtdlm.data.corpus import stdlib_documents
-from rtdlm.data.hf import byte_symbols, byte_tokenizer_json, save_hf_tokenizer
+from rtdlm.data.hf import (
+    byte_symbols,
+    byte_tokenizer_json,
+    save_hf_tokenizer,
+    sentencepiece_tokenizer_json,
+)
 
 BYTE_TOKENIZER = HfTokenizer.from_str(byte_tokenizer_json())
 
@@ -57,9 +65,78 @@ def test_files_for_the_byte_tokenizer_and_a_trained_bpe(tmp_path: Path) -> None:
     assert hf.token_to_id(config["eos_token"]) == bpe.eos_id
 
 
-def test_a_sentencepiece_model_is_refused_saying_what_exports(tmp_path: Path) -> None:
-    from dataclasses import replace
+def sentencepiece_model(directory: Path, model_type: str, byte_fallback: bool = False) -> Path:
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(text for _, text in stdlib_documents()[:60]))
+    prefix = directory / f"{model_type}{int(byte_fallback)}"
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(prefix),
+        vocab_size=800 if byte_fallback else 500,  # 256 byte pieces on top
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        minloglevel=2,
+    )
+    return prefix.with_suffix(".model")
 
-    spm = replace(BYTES, name="sentencepiece:sp.model", index_entry={"kind": "sentencepiece"})
-    with pytest.raises(DataError, match="a sentencepiece tokenizer has no Hugging Face"):
-        save_hf_tokenizer(spm, tmp_path, 64)
+
+@pytest.fixture(scope="module")
+def llama_style(tmp_path_factory: pytest.TempPathFactory) -> tuple[spm.SentencePieceProcessor, Any]:
+    """A BPE with byte fallback, as Llama's and Mistral's SentencePiece models are."""
+    model = sentencepiece_model(tmp_path_factory.mktemp("spm"), "bpe", byte_fallback=True)
+    converted = HfTokenizer.from_str(sentencepiece_tokenizer_json(model))
+    return spm.SentencePieceProcessor(model_file=str(model)), converted
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(st.sampled_from(list("ab XY\t\n*=-.é中😀▁<>\u3000\uff21")), max_size=40))
+def test_a_sentencepiece_bpe_converts_to_the_same_ids_and_text(
+    llama_style: tuple[spm.SentencePieceProcessor, Any], text: str
+) -> None:
+    """Runs of spaces, full-width letters (NFKC), unknown characters as bytes, "▁" itself."""
+    ours, theirs = llama_style
+    ids = theirs.encode(text, add_special_tokens=False).ids
+    assert ids == ours.encode(text)
+    assert theirs.decode(ids) == ours.decode(ids)
+
+
+def test_sentencepiece_models_encode_held_out_documents_alike(tmp_path: Path) -> None:
+    """BPE exactly; unigram up to ties SentencePiece's float32 sums break one way and the
+    float64 ones of `tokenizers` the other (Python's docs underline headings with runs of "*",
+    where they tie often): then the pieces are a reordering of each other, equally likely."""
+    documents = [text for _, text in stdlib_documents()[60:]]
+    for model_type in ("bpe", "unigram"):
+        model = sentencepiece_model(tmp_path, model_type)
+        ours = spm.SentencePieceProcessor(model_file=str(model))
+        theirs = HfTokenizer.from_str(sentencepiece_tokenizer_json(model))
+        for text in documents:
+            a, b = ours.encode(text), theirs.encode(text, add_special_tokens=False).ids
+            if a != b:
+                assert model_type == "unigram" and sorted(a) == sorted(b)
+                assert math.isclose(sum(map(ours.get_score, a)), sum(map(ours.get_score, b)))
+
+
+def test_sentencepiece_files_name_its_specials_and_start_with_bos(tmp_path: Path) -> None:
+    model = sentencepiece_model(tmp_path, "bpe")
+    tokenizer = sentencepiece(model)
+    save_hf_tokenizer(tokenizer, tmp_path, 128)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"]) == ("<s>", "</s>")
+    hf = HfTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert hf.encode("a prompt").ids == tokenizer.prompt("a prompt").tolist()
+    assert huggingface(tmp_path / "tokenizer.json").encode("a prompt").tolist() == (
+        tokenizer.encode("a prompt").tolist()
+    )
+
+
+def test_a_sentencepiece_model_without_a_tokenizer_json_form_is_one_line(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(text for _, text in stdlib_documents()[:5]))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "w"), model_type="word", vocab_size=200
+    )
+    with pytest.raises(DataError, match=r"w.model is a SentencePiece WORD model; only unigram"):
+        save_hf_tokenizer(sentencepiece(tmp_path / "w.model"), tmp_path, 64)
+    (tmp_path / "bad.model").write_bytes(b"\xff" * 10)
+    with pytest.raises(DataError, match="bad.model is not a SentencePiece model"):
+        sentencepiece_tokenizer_json(tmp_path / "bad.model")

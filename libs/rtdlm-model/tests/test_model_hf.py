@@ -4,12 +4,14 @@ and refusals. (tests/test_hf_interop.py holds the layout to transformers itself.
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 import pytest
 
 from rtdlm.model import ModelConfig, build, hf
+from rtdlm.model.transformer import unstack_layers
 
 CFG = ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=16, vocab_size=40)
 
@@ -89,9 +91,44 @@ def test_what_our_model_does_not_compute_is_refused_by_name(
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_mixture_of_experts_model_is_refused_saying_why() -> None:
-    moe = dataclasses.replace(CFG, moe_every=2, num_experts=4)
-    with pytest.raises(hf.HfError, match="capacity"):
+# Every block a mixture whose experts hold the whole batch: what Mixtral computes.
+MIXTURE = dataclasses.replace(CFG, moe_every=1, num_experts=4, experts_per_token=2)
+MIXTURE = dataclasses.replace(MIXTURE, capacity_factor=2.0, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["looped", "scanned"])
+def test_a_mixture_exports_in_mixtral_layout_and_back_bit_identical(scan_layers: bool) -> None:
+    cfg = dataclasses.replace(MIXTURE, scan_layers=scan_layers)
+    params = init(cfg)
+    tensors = hf.to_hf(params, cfg)
+    assert len(tensors) == 3 + (6 + 1 + 3 * 4) * cfg.num_layers
+    looped = unstack_layers(params, cfg) if scan_layers else params
+    w_gate = np.asarray(looped["block_1/moe"]["w_gate"])
+    np.testing.assert_array_equal(
+        tensors["model.layers.1.block_sparse_moe.experts.3.w1.weight"], w_gate[3].T
+    )
+    assert tensors["model.layers.0.block_sparse_moe.experts.0.w2.weight"].shape == (32, 256)
+    assert tensors["model.layers.0.block_sparse_moe.gate.weight"].shape == (4, 32)
+    back = hf.from_hf(tensors, cfg)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        assert np.asarray(a).dtype == b.dtype and np.asarray(a).tobytes() == b.tobytes()
+    config = hf.hf_config(cfg)
+    assert (config["architectures"], config["model_type"]) == (["MixtralForCausalLM"], "mixtral")
+    assert (config["num_local_experts"], config["num_experts_per_tok"]) == (4, 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"moe_every": 2}, r"where ours mixes dense blocks in \(model.moe_every=2, not 1\)$"),
+        ({"capacity_factor": 1.25}, r"only model.capacity_factor >= .* = 2 \(not 1.25\) drops"),
+    ],
+)
+def test_a_mixture_mixtral_would_compute_otherwise_is_refused_saying_why(
+    change: dict[str, Any], message: str
+) -> None:
+    moe = dataclasses.replace(MIXTURE, **change)
+    with pytest.raises(hf.HfError, match=message):
         hf.to_hf(init(moe), moe)
 
 

@@ -120,8 +120,10 @@ def test_any_set_gives_a_config_or_a_clear_error(sets: list[str]) -> None:
         assert isinstance(cfg, RunConfig)
 
 
-def test_a_periodic_hugging_face_export_of_a_mixture_of_experts_is_refused() -> None:
+def test_a_periodic_hugging_face_export_of_a_mixture_mixtral_differs_from_is_refused() -> None:
     sets = ["train.hf_export_every=100", "model.moe_every=2"]
     with pytest.raises(ConfigError, match=r"^train.hf_export_every: a mixture-of-experts model"):
         resolve("tiny", sets=sets)
     assert resolve("tiny", sets=sets[:1]).train.hf_export_every == 100
+    mixtral = ["model.moe_every=1", "model.num_experts=4", "model.capacity_factor=2"]
+    assert resolve("tiny", sets=[*sets[:1], *mixtral]).model.moe_every == 1

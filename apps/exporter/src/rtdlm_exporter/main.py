@@ -141,8 +141,9 @@ def export(args: argparse.Namespace) -> None:
         r = hf_export.export_hf(
             trained, rows, texts, args.out, tokenizer, args.hf_python, args.dtype, args.force
         )
+        layout = hf.architecture(trained.cfg)
         print(
-            f"Hugging Face {hf.ARCHITECTURE}, {args.dtype}, step {step}: {r.bytes:,} bytes in "
+            f"Hugging Face {layout}, {args.dtype}, step {step}: {r.bytes:,} bytes in "
             f"{', '.join(r.files)}\nchecked with transformers {r.versions['transformers']} "
             f"(torch {r.versions['torch']}): " + "; ".join(r.checks) + "\n"
             f"greedy: {text(tokenizer, r.greedy)}\nwritten to {args.out}"

@@ -1,5 +1,6 @@
-"""The Hugging Face export: a run's weights in `LlamaForCausalLM`'s layout with its tokenizer,
-proven by transformers itself before anything is written.
+"""The Hugging Face export: a run's weights in `LlamaForCausalLM`'s layout (a mixture of
+experts in `MixtralForCausalLM`'s) with its tokenizer, proven by transformers itself before
+anything is written.
 
 The directory holds config.json, model.safetensors (sharded above 5 GB, with its index),
 generation_config.json, tokenizer.json and tokenizer_config.json, beside the artifact.json and
@@ -36,7 +37,7 @@ from rtdlm.export.artifact import (
 )
 from rtdlm.model import hf
 
-KIND = "hf-llama"
+KIND = "huggingface"
 PARITY = 1e-4  # max abs logit difference, float32 compute on both sides
 CHECK_ROWS = 2  # held-out rows whose logits are compared
 CHECK_TIMEOUT_S = 1800
@@ -139,14 +140,24 @@ def export_hf(
         files = hf.save(directory, tensors, config)
         files += save_hf_tokenizer(tokenizer, directory, cfg.seq_len)
         arrays, info = run_check(python, directory, request)
-        report.update(check(arrays, info, expected_logits, expected_greedy, texts, tokenizer))
+        report.update(
+            check(
+                arrays,
+                info,
+                expected_logits,
+                expected_greedy,
+                texts,
+                tokenizer,
+                hf.architecture(cfg),
+            )
+        )
         report["files"] = files
         report["bytes"] = sum((directory / f).stat().st_size for f in files)
         return describe(
             KIND,
             trained,
             tokenizer,
-            huggingface={"architecture": hf.ARCHITECTURE, "dtype": dtype, "files": files},
+            huggingface={"architecture": hf.architecture(cfg), "dtype": dtype, "files": files},
             validation={
                 "max_abs_diff": report["max_abs_diff"],
                 "greedy_tokens": int(expected_greedy.size),
@@ -175,11 +186,12 @@ def check(
     expected_greedy: np.ndarray,
     texts: list[str],
     tokenizer: Tokenizer,
+    architecture: str,
 ) -> dict[str, Any]:
     """What transformers computed against what rtdlm does: the report's fields, or CheckFailed
     naming the first difference."""
-    if info["model_class"] != hf.ARCHITECTURE:
-        raise CheckFailed(f"transformers loaded a {info['model_class']}, not {hf.ARCHITECTURE}")
+    if info["model_class"] != architecture:
+        raise CheckFailed(f"transformers loaded a {info['model_class']}, not {architecture}")
     diff = float(np.max(np.abs(arrays["logits"] - expected_logits)))
     if not diff <= PARITY:
         raise CheckFailed(
@@ -199,9 +211,17 @@ def check(
     for i, (text, ids) in enumerate(zip(texts, np.split(arrays["text_ids"], ends), strict=True)):
         ours = np.asarray(tokenizer.encode(text), np.int64)
         if ours.shape != ids.shape or (ours != ids).any():
+            first = next(
+                (k for k, (a, b) in enumerate(zip(ids, ours, strict=False)) if a != b), len(ours)
+            )
+            why = ""
+            if tokenizer.index_entry.get("kind") == "sentencepiece":
+                why = (
+                    " (a SentencePiece unigram model breaks ties differently; see docs/interop.md)"
+                )
             raise CheckFailed(
-                f"AutoTokenizer encodes held-out text {i} to other ids than {tokenizer.name} "
-                f"({len(ids)} against {len(ours)} tokens); nothing was written"
+                f"AutoTokenizer encodes held-out text {i} to other ids than {tokenizer.name} from "
+                f"token {first} on{why}; nothing was written"
             )
     if (info["bos_id"], info["eos_id"]) != (tokenizer.bos_id, tokenizer.eos_id):
         raise CheckFailed(

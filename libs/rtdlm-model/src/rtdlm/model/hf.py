@@ -1,4 +1,5 @@
-"""The Hugging Face Llama layout: our parameters under `LlamaForCausalLM`'s names, and back.
+"""The Hugging Face Llama layout: our parameters under `LlamaForCausalLM`'s names, and back;
+a mixture of experts in every block under `MixtralForCausalLM`'s.
 
 Our block is Llama's (pre-norm RMSNorm, rotary positions, grouped-query attention, SwiGLU,
 optionally tied embeddings), so the two differ in names and layout only:
@@ -8,6 +9,10 @@ optionally tied embeddings), so the two differ in names and layout only:
 - Both rotate the two halves of each head (`rotate_half`, not interleaved pairs) with
   frequencies base^(-2i / head_dim): q and k need no permutation.
 - Norm scales, embeddings and, untied, the output projection map one to one.
+- Mixtral routes as we do (softmax over all experts, the top k renormalized to sum to 1, no
+  router bias) but never drops a token, so a mixture exports only where ours cannot drop one
+  either: every block a mixture, and each expert's capacity the whole batch. Each expert's
+  gate, down and up matrices are Mixtral's w1, w2 and w3.
 
 `config.json` says everything our config implies; reading one back refuses what our model does
 not compute (biases, scaled or windowed attention, another activation) rather than guess.
@@ -30,6 +35,7 @@ from rtdlm.model.transformer import stack_layers, unstack_layers
 Params = Mapping[str, Mapping[str, Any]]
 
 ARCHITECTURE = "LlamaForCausalLM"
+MIXTURE = "MixtralForCausalLM"
 CONFIG = "config.json"
 GENERATION = "generation_config.json"
 WEIGHTS = "model.safetensors"
@@ -51,29 +57,54 @@ _LAYER = [
 ]
 
 
+# (Mixtral name per layer, our module, our parameter, transposed); experts' names hold {e}
+_MIXTURE = [
+    *_LAYER[:6],
+    ("block_sparse_moe.gate.weight", "moe/router", "w", True),
+    ("block_sparse_moe.experts.{e}.w1.weight", "moe", "w_gate", True),
+    ("block_sparse_moe.experts.{e}.w2.weight", "moe", "w_down", True),
+    ("block_sparse_moe.experts.{e}.w3.weight", "moe", "w_up", True),
+]
+
+
 class HfError(ValueError):
     """A Hugging Face checkpoint (or a model headed for one) the other side cannot represent,
     as one line naming the field."""
 
 
-def _names(cfg: ModelConfig) -> list[tuple[str, str, str, bool]]:
-    """Every (HF name, our module, our parameter, transposed) of a model of `cfg`."""
-    names = [("model.embed_tokens.weight", "embed", "embeddings", False)]
+def architecture(cfg: ModelConfig) -> str:
+    return MIXTURE if cfg.moe_every else ARCHITECTURE
+
+
+def _names(cfg: ModelConfig) -> list[tuple[str, str, str, int | None, bool]]:
+    """Every (HF name, our module, our parameter, expert or None, transposed) of `cfg`."""
+    names: list[tuple[str, str, str, int | None, bool]]
+    names = [("model.embed_tokens.weight", "embed", "embeddings", None, False)]
     for i in range(cfg.num_layers):
-        names += [(f"model.layers.{i}.{hf}", f"block_{i}/{m}", p, t) for hf, m, p, t in _LAYER]
-    names.append(("model.norm.weight", "final_norm", "scale", False))
+        for hf, module, name, transposed in _MIXTURE if cfg.is_moe_layer(i) else _LAYER:
+            hf, module = f"model.layers.{i}.{hf}", f"block_{i}/{module}"
+            experts = range(cfg.num_experts) if "{e}" in hf else [None]
+            names += [(hf.format(e=e), module, name, e, transposed) for e in experts]
+    names.append(("model.norm.weight", "final_norm", "scale", None, False))
     if not cfg.tie_embeddings:
-        names.append(("lm_head.weight", "unembed", "w", True))
+        names.append(("lm_head.weight", "unembed", "w", None, True))
     return names
 
 
 def check_exportable(cfg: ModelConfig) -> None:
-    if cfg.moe_every:
+    """HfError unless `cfg` computes what Llama or Mixtral does."""
+    if cfg.moe_every > 1:
         raise HfError(
-            "a mixture-of-experts model has no Llama layout, and Mixtral's differs from ours: "
-            "every Mixtral layer is a mixture where ours mixes dense blocks in (model.moe_every), "
-            "and ours drops tokens over an expert's capacity (model.capacity_factor), which "
-            "Mixtral never does"
+            f"a mixture-of-experts model exports as Mixtral, whose every block is a mixture, "
+            f"where ours mixes dense blocks in (model.moe_every={cfg.moe_every}, not 1)"
+        )
+    no_drop = cfg.num_experts / cfg.experts_per_token
+    if cfg.moe_every and cfg.capacity_factor < no_drop:
+        raise HfError(
+            f"a mixture-of-experts model exports as Mixtral, which never drops a token, where "
+            f"ours drops those over an expert's capacity: only model.capacity_factor >= "
+            f"num_experts / experts_per_token = {no_drop:g} (not {cfg.capacity_factor:g}) "
+            "drops none"
         )
 
 
@@ -85,9 +116,9 @@ def hf_config(
 ) -> dict[str, Any]:
     """config.json for `cfg`: every field transformers' LlamaConfig reads, stated."""
     check_exportable(cfg)
-    return {
-        "architectures": [ARCHITECTURE],
-        "model_type": "llama",
+    config: dict[str, Any] = {
+        "architectures": [architecture(cfg)],
+        "model_type": "mixtral" if cfg.moe_every else "llama",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.ffn_dim,
@@ -101,10 +132,7 @@ def hf_config(
         "rope_theta": cfg.rope_base,
         "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
-        "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": 0.02,
         "use_cache": True,
@@ -114,6 +142,14 @@ def hf_config(
         "torch_dtype": dtype,
         "dtype": dtype,
     }
+    if cfg.moe_every:
+        return config | {
+            "num_local_experts": cfg.num_experts,
+            "num_experts_per_tok": cfg.experts_per_token,
+            "router_jitter_noise": 0.0,
+            "sliding_window": None,
+        }
+    return config | {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
 
 
 def to_hf(params: Params, cfg: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
@@ -122,8 +158,9 @@ def to_hf(params: Params, cfg: ModelConfig, dtype: str = "float32") -> dict[str,
     if cfg.scan_layers:
         params = unstack_layers(params, cfg)
     tensors = {}
-    for hf, module, name, transposed in _names(cfg):
+    for hf, module, name, expert, transposed in _names(cfg):
         value = np.asarray(params[module][name], np.float32)
+        value = value if expert is None else value[expert]
         tensors[hf] = np.ascontiguousarray((value.T if transposed else value).astype(DTYPES[dtype]))
     return tensors
 
@@ -135,17 +172,31 @@ def from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> Params:
     missing = sorted(expected - set(tensors))
     extra = sorted(set(tensors) - expected - {"lm_head.weight"})  # tied: HF may still save it
     if missing or extra:
-        which = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which Llama has not"
+        which = (
+            f"lacks {missing[0]}"
+            if missing
+            else f"has {extra[0]}, which {architecture(cfg)} has not"
+        )
         raise HfError(f"the checkpoint {which} ({len(missing)} missing, {len(extra)} unknown)")
     params: dict[str, dict[str, Any]] = {}
-    for hf, module, name, transposed in names:
+    experts: dict[tuple[str, str], list[np.ndarray]] = {}
+    for hf, module, name, expert, transposed in names:
         value = np.asarray(tensors[hf]).astype(np.float32)
-        params.setdefault(module, {})[name] = np.ascontiguousarray(value.T if transposed else value)
-    shapes = {  # what the config says each of ours should be
+        value = np.ascontiguousarray(value.T if transposed else value)
+        if expert is None:
+            params.setdefault(module, {})[name] = value
+        else:
+            experts.setdefault((module, name), []).append(value)
+    for (module, name), values in experts.items():
+        params.setdefault(module, {})[name] = np.stack(values)
+    shapes: dict[tuple[str, str], tuple[int, ...]] = {  # what the config says ours should be
         ("embed", "embeddings"): (cfg.vocab_size, cfg.d_model),
         ("block_0/attn/key", "w"): (cfg.d_model, cfg.num_kv_heads * cfg.head_dim),
-        ("block_0/mlp/gate", "w"): (cfg.d_model, cfg.ffn_dim),
     }
+    if cfg.is_moe_layer(0):
+        shapes[("block_0/moe", "w_gate")] = (cfg.num_experts, cfg.d_model, cfg.ffn_dim)
+    else:
+        shapes[("block_0/mlp/gate", "w")] = (cfg.d_model, cfg.ffn_dim)
     for (module, name), shape in shapes.items():
         if params[module][name].shape != shape:
             raise HfError(

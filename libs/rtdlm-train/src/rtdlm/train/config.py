@@ -81,8 +81,8 @@ class TrainConfig:
     # A Hugging Face Llama checkpoint directory to start from (rtdlm.train.init_from): its
     # config.json fixes the model's shape, its weights are step 0's. A resume ignores it.
     init_from: str | None = None
-    # Every N steps, the parameters in the Hugging Face Llama layout in <run-dir>/hf/<step>
-    # (unchecked: `exporter hf` makes a checked one); 0: never.
+    # Every N steps, the parameters in the Hugging Face layout (Llama, or Mixtral) in
+    # <run-dir>/hf/<step> (unchecked: `exporter hf` makes a checked one); 0: never.
     hf_export_every: int = 0
 
     def __post_init__(self) -> None:

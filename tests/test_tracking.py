@@ -142,3 +142,28 @@ def test_a_stopped_run_is_killed_in_mlflow(tmp_path: Path, mlflow_uri: str) -> N
     assert result.status == "stopped"
     found = MlflowClient(mlflow_uri).get_run((run / "mlflow-run-id").read_text().strip())
     assert found.info.status == "KILLED" and found.info.run_name == "stopped"
+
+
+def test_a_run_that_raises_is_failed_in_mlflow(tmp_path: Path, mlflow_uri: str) -> None:
+    """A callback raising after the first step stands for any error the run does not handle."""
+    from mlflow.tracking import MlflowClient
+
+    from rtdlm.data import split_documents, stdlib_documents
+    from rtdlm.train import Callback, Trainer, resolve
+    from rtdlm.train.tracking import MLflow
+
+    class Broken(Callback):
+        def on_step(self, log: object) -> None:
+            raise RuntimeError("the disk caught fire")
+
+    sets = ["model.num_layers=1", "model.d_model=64", "model.seq_len=32", "data.batch_size=2"]
+    cfg = resolve("tiny", sets=[*sets, "metrics.enabled=false"], vocab_size=256)
+    run, tracking = tmp_path / "raised", MLflow(mlflow_uri, experiment="raised")
+    data = split_documents(stdlib_documents())
+    with pytest.raises(RuntimeError, match="the disk caught fire"):
+        Trainer(cfg, data, run, [tracking, Broken()], compile_cache=False).run(lambda: False)
+    client = MlflowClient(mlflow_uri)
+    found = client.get_run((run / "mlflow-run-id").read_text().strip())
+    assert found.info.status == "FAILED"
+    summary = client.download_artifacts(found.info.run_id, "summary.txt", str(tmp_path))
+    assert Path(summary).read_text() == "RuntimeError: the disk caught fire\n"

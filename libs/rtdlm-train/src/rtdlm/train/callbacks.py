@@ -83,6 +83,9 @@ class Callback:
     def on_end(self, result: RunResult) -> None:
         pass
 
+    def on_error(self, error: BaseException) -> None:
+        """The run raised `error` instead of ending (a bug, an interrupt): no on_end follows."""
+
 
 class StepsFile(Callback):
     """Appends every step to a JSON-lines file with exact floats: resumed runs add to it.

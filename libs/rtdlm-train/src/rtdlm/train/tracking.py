@@ -69,6 +69,10 @@ class TensorBoard(Callback):
         if self.writer is not None:
             self.writer.close()
 
+    def on_error(self, error: BaseException) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
 
 class MLflow(Callback):
     """An MLflow run per training run (the same one again on resume): the resolved config as
@@ -136,6 +140,10 @@ class MLflow(Callback):
 
     def on_end(self, result: RunResult) -> None:
         self.finish(MLFLOW_STATUS.get(result.status, "FAILED"), result.summary())
+
+    def on_error(self, error: BaseException) -> None:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        self.finish(status, f"{type(error).__name__}: {error}")
 
     def finish(self, status: str, summary: str = "") -> None:
         """Waits for the queued logging, adds the artifacts and sets the run's status."""

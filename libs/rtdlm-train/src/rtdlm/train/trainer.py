@@ -404,6 +404,10 @@ class _Run:
             callback.on_start(self.cfg, self.run_dir, self.start_step)
         try:
             end = self._wind_down(self._train(state, position, should_stop, restored is None))
+        except BaseException as error:
+            for callback in self.callbacks:
+                callback.on_error(error)
+            raise
         finally:
             self._stop_profile()
             if self.steps_file is not None:

@@ -187,7 +187,7 @@ def test_a_full_disk_prints_one_line_from_the_whole_process(tmp_path: Path) -> N
         **os.environ,
         "PYTHONPATH": os.pathsep.join(sys.path),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1",
     }
     try:
         process = subprocess.run(

@@ -18,11 +18,12 @@ pytestmark = pytest.mark.slow
 
 
 def worker(*args: str, devices: int = 1) -> subprocess.Popen:
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(sys.path),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": flags,  # with the test run's own (pants.toml)
     }
     return subprocess.Popen(
         [sys.executable, ckpt_worker.__file__, *args],

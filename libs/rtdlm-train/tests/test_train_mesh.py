@@ -24,11 +24,12 @@ RTOL = 2e-5  # float32 sums in another order, over a few Adam steps
 
 def worker(*args: str, devices: int = 8) -> Any:
     """mesh_worker.py on `devices` virtual CPU devices; its JSON line."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(sys.path),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": flags,  # with the test run's own (pants.toml)
     }
     done = subprocess.run(
         [sys.executable, mesh_worker.__file__, *args],

@@ -64,11 +64,13 @@ def bpe_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sentencepiece_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A trained run on shards under a SentencePiece BPE with byte fallback (Llama's kind)."""
+def mixture_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained run whose every block is a mixture of 4 experts, 2 per token, none dropped, on
+    shards under a SentencePiece BPE with byte fallback (Llama's kind): Mixtral's layout and a
+    converted tokenizer in one export."""
     import sentencepiece as spm
 
-    root = tmp_path_factory.mktemp("spm")
+    root = tmp_path_factory.mktemp("mixture")
     texts = [text for _, text in stdlib_documents()]
     (root / "corpus.txt").write_text("\n".join(texts[:60]))
     spm.SentencePieceTrainer.train(
@@ -83,23 +85,13 @@ def sentencepiece_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     spm_flags = ["--sentencepiece", str(root / "sp.model")]
     assert prepare_data([str(corpus), "--output", str(root / "shards"), *spm_flags]) == 0
-    data = ["--set", f"data.path={root / 'shards'}"]
-    assert trainer([*FAST, *data, "--run-dir", str(root / "run")]) == 0
+    sets = [f"data.path={root / 'shards'}", "model.moe_every=1", "model.num_experts=4"]
+    sets.append("model.capacity_factor=2")
+    assert trainer([*FAST, *(f for s in sets for f in ("--set", s)), "--run-dir", str(root / "run")]) == 0
     return root / "run"
 
 
-@pytest.fixture(scope="module")
-def mixture_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A trained run whose every block is a mixture of 4 experts, 2 per token, none dropped."""
-    run = tmp_path_factory.mktemp("mixture") / "run"
-    mixture = ["model.moe_every=1", "model.num_experts=4", "model.capacity_factor=2"]
-    assert trainer([*FAST, *(f for m in mixture for f in ("--set", m)), "--run-dir", str(run)]) == 0
-    return run
-
-
-@pytest.mark.parametrize(
-    "trained_run", ["bytes_run", "bpe_run", "sentencepiece_run", "mixture_run"]
-)
+@pytest.mark.parametrize("trained_run", ["bytes_run", "bpe_run", "mixture_run"])
 def test_transformers_loads_the_export_and_generates_what_rtdlm_does(
     trained_run: str,
     request: pytest.FixtureRequest,
@@ -174,34 +166,37 @@ def test_a_failed_check_writes_nothing(
 # on fixed tokens: what our import must reproduce.
 MAKE_LLAMA = """
 import sys, numpy, torch, transformers
-directory, bias = sys.argv[1], sys.argv[2] == "bias"
-torch.manual_seed(0)
-config = transformers.LlamaConfig(
-    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=bias,
-)
-model = transformers.LlamaForCausalLM(config).eval()
-model.save_pretrained(directory)
-tokens = torch.tensor(numpy.random.default_rng(0).integers(0, 256, (2, 24)))
-with torch.no_grad():
-    numpy.save(f"{directory}/logits.npy", model(tokens).logits.numpy())
-numpy.save(f"{directory}/tokens.npy", tokens.numpy())
+for directory, bias in (("plain", False), ("bias", True)):
+    directory = f"{sys.argv[1]}/{directory}"
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=bias,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    tokens = torch.tensor(numpy.random.default_rng(0).integers(0, 256, (2, 24)))
+    with torch.no_grad():
+        numpy.save(f"{directory}/logits.npy", model(tokens).logits.numpy())
+    numpy.save(f"{directory}/tokens.npy", tokens.numpy())
 """
 
 
-def make_llama(hf_python: str, directory: Path, bias: bool = False) -> Path:
-    subprocess.run(
-        [hf_python, "-c", MAKE_LLAMA, str(directory), "bias" if bias else ""], check=True
-    )
-    (directory / "tokenizer.json").write_text(byte_tokenizer_json())  # our bytes, as exported
-    return directory
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory: pytest.TempPathFactory, hf_python: str) -> Path:
+    """<dir>/plain and <dir>/bias (attention biases), made in one transformers process."""
+    root = tmp_path_factory.mktemp("llamas")
+    subprocess.run([hf_python, "-c", MAKE_LLAMA, str(root)], check=True)
+    for llama in ("plain", "bias"):  # our bytes, as exported
+        (root / llama / "tokenizer.json").write_text(byte_tokenizer_json())
+    return root
 
 
 def test_a_transformers_llama_imports_trains_resumes_and_exports_again(
-    tmp_path: Path, hf_python: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, hf_python: str, llamas: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    llama = make_llama(hf_python, tmp_path / "llama")
+    llama = llamas / "plain"
     config, tensors = hf.load(llama)
     cfg = hf.model_config(config)
     ours = build(cfg).apply(hf.from_hf(tensors, cfg), None, np.load(llama / "tokens.npy"))
@@ -233,9 +228,9 @@ def test_a_transformers_llama_imports_trains_resumes_and_exports_again(
 
 
 def test_a_checkpoint_our_model_cannot_compute_is_one_line_and_writes_nothing(
-    tmp_path: Path, hf_python: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, llamas: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    llama = make_llama(hf_python, tmp_path / "llama", bias=True)
+    llama = llamas / "bias"
     run = tmp_path / "run"
     assert trainer([*SMALL_RUN, "--run-dir", str(run), "--init-from", str(llama)]) == 2
     err = capsys.readouterr().err.strip()

@@ -87,7 +87,10 @@ def mixture_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert prepare_data([str(corpus), "--output", str(root / "shards"), *spm_flags]) == 0
     sets = [f"data.path={root / 'shards'}", "model.moe_every=1", "model.num_experts=4"]
     sets.append("model.capacity_factor=2")
-    assert trainer([*FAST, *(f for s in sets for f in ("--set", s)), "--run-dir", str(root / "run")]) == 0
+    assert (
+        trainer([*FAST, *(f for s in sets for f in ("--set", s)), "--run-dir", str(root / "run")])
+        == 0
+    )
     return root / "run"
 
 

@@ -120,6 +120,7 @@ def export_hf(
     cfg = trained.cfg
     hf.check_exportable(cfg)
     python = hf_python(python)
+    layout = hf.architecture(cfg)
     config = hf.hf_config(cfg, dtype, tokenizer.bos_id, tokenizer.eos_id)
     tensors = hf.to_hf(trained.params, cfg, dtype)
     params = reference_params(trained, dtype)
@@ -148,7 +149,7 @@ def export_hf(
                 expected_greedy,
                 texts,
                 tokenizer,
-                hf.architecture(cfg),
+                layout,
             )
         )
         report["files"] = files
@@ -157,7 +158,7 @@ def export_hf(
             KIND,
             trained,
             tokenizer,
-            huggingface={"architecture": hf.architecture(cfg), "dtype": dtype, "files": files},
+            huggingface={"architecture": layout, "dtype": dtype, "files": files},
             validation={
                 "max_abs_diff": report["max_abs_diff"],
                 "greedy_tokens": int(expected_greedy.size),

@@ -157,10 +157,11 @@ def to_hf(params: Params, cfg: ModelConfig, dtype: str = "float32") -> dict[str,
     check_exportable(cfg)
     if cfg.scan_layers:
         params = unstack_layers(params, cfg)
-    tensors = {}
+    tensors, arrays = {}, {}
     for hf, module, name, expert, transposed in _names(cfg):
-        value = np.asarray(params[module][name], np.float32)
-        value = value if expert is None else value[expert]
+        if (module, name) not in arrays:  # once per array, not once per expert
+            arrays[module, name] = np.asarray(params[module][name], np.float32)
+        value = arrays[module, name] if expert is None else arrays[module, name][expert]
         tensors[hf] = np.ascontiguousarray((value.T if transposed else value).astype(DTYPES[dtype]))
     return tensors
 

@@ -4,10 +4,13 @@ gets must be what rtdlm.model computes, both ways."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,17 +32,26 @@ pytestmark = pytest.mark.slow
 FAST = [*SMALL_RUN, "--max-steps", "6", "--eval-every", "6", "--metrics-port", "0"]
 FAST += ["--set", "model.num_kv_heads=2", "--seq-len", "64"]  # grouped-query attention
 
-# A transformers user's few lines: AutoTokenizer, AutoModelForCausalLM, generate, decode.
+# A transformers user's few lines: AutoTokenizer, AutoModelForCausalLM, generate, decode; for
+# each (directory, prompt, new tokens) on the command line, one JSON line.
 USER = """
 import json, sys, transformers
-directory, prompt, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
-tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-model = transformers.AutoModelForCausalLM.from_pretrained(directory)
-ids = tokenizer(prompt, return_tensors="pt").input_ids
-out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1]:]
-text = tokenizer.decode(out, skip_special_tokens=True)
-print(json.dumps({"prompt": ids[0].tolist(), "new": out.tolist(), "text": text}))
+for directory, prompt, new_tokens in zip(*[iter(sys.argv[1:])] * 3):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=int(new_tokens), do_sample=False)[0, ids.shape[1]:]
+    text = tokenizer.decode(out, skip_special_tokens=True)
+    print(json.dumps({"prompt": ids[0].tolist(), "new": out.tolist(), "text": text}))
 """
+
+
+def transformers_user(hf_python: str, *jobs: tuple[Path, str, int]) -> list[dict[str, Any]]:
+    """What USER gets from each (directory, prompt, new tokens), in one transformers process."""
+    argv = [str(field) for job in jobs for field in job]
+    done = subprocess.run([hf_python, "-c", USER, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.strip().splitlines()[-len(jobs) :]]
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +106,36 @@ def mixture_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
-@pytest.mark.parametrize("trained_run", ["bytes_run", "bpe_run", "mixture_run"])
+RUNS = ["bytes_run", "bpe_run", "mixture_run"]
+
+
+@pytest.fixture(scope="module")
+def exports(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, hf_python: str
+) -> dict[str, tuple[Path, Path, str, dict[str, Any]]]:
+    """Each run exported through `exporter hf` (what it printed), then what a transformers user
+    generates from each export, all users in one process: {run: (run, export, printed, theirs)}."""
+    exported = {}
+    for name in RUNS:
+        run, out = request.getfixturevalue(name), tmp_path_factory.mktemp(name) / "hf"
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            export = ["hf", "--checkpoint", str(run), "--out", str(out), "--hf-python", hf_python]
+            assert exporter(export) == 0
+        exported[name] = (run, out, printed.getvalue())
+    jobs = [(out, "The ", 24) for _, out, _ in exported.values()]
+    every = request.getfixturevalue("every_run")  # what the trainer wrote at step 3 of 6
+    exported["every_run"] = (every, every / "hf" / "3", "")
+    users = transformers_user(hf_python, *jobs, (every / "hf" / "3", "The ", 4))
+    return {
+        name: (*done, theirs) for (name, done), theirs in zip(exported.items(), users, strict=True)
+    }
+
+
+@pytest.mark.parametrize("trained_run", RUNS)
 def test_transformers_loads_the_export_and_generates_what_rtdlm_does(
-    trained_run: str,
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    hf_python: str,
-    capsys: pytest.CaptureFixture[str],
+    trained_run: str, exports: dict[str, tuple[Path, Path, str, dict[str, Any]]]
 ) -> None:
-    run, out = request.getfixturevalue(trained_run), tmp_path / "hf"
-    assert (
-        exporter(["hf", "--checkpoint", str(run), "--out", str(out), "--hf-python", hf_python]) == 0
-    )
-    printed = capsys.readouterr().out
+    run, out, printed, theirs = exports[trained_run]
     assert "within 1e-04" in printed and "the same 48 greedy tokens" in printed
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()
@@ -118,10 +147,6 @@ def test_transformers_loads_the_export_and_generates_what_rtdlm_does(
         "MixtralForCausalLM" if mixture else "LlamaForCausalLM"
     )
 
-    done = subprocess.run(
-        [hf_python, "-c", USER, str(out), "The ", "24"], capture_output=True, text=True, check=True
-    )
-    theirs = json.loads(done.stdout.strip().splitlines()[-1])
     trained = load_checkpoint(run)
     _, tokenizer = load_held_out(run / "data")
     prompt = tokenizer.prompt("The ")
@@ -244,20 +269,24 @@ def test_a_checkpoint_our_model_cannot_compute_is_one_line_and_writes_nothing(
     assert not run.exists()
 
 
-def test_the_trainer_writes_the_layout_every_n_steps(tmp_path: Path, hf_python: str) -> None:
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def every_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run that writes the Hugging Face layout every 3 of its 6 steps."""
+    run = tmp_path_factory.mktemp("every") / "run"
     every = ["--set", "train.hf_export_every=3", "--max-steps", "6", "--checkpoint-every", "6"]
     assert trainer([*SMALL_RUN, "--run-dir", str(run), "--no-metrics", *every]) == 0
+    return run
+
+
+def test_the_trainer_writes_the_layout_every_n_steps(
+    every_run: Path, exports: dict[str, tuple[Path, Path, str, dict[str, Any]]]
+) -> None:
+    run = every_run
     assert sorted(p.name for p in (run / "hf").iterdir()) == ["3", "6"]
     checkpoint = restore_params(run / "checkpoints")
     _, tensors = hf.load(run / "hf" / "6")
     for module, leaves in hf.from_hf(tensors, load_checkpoint(run).cfg).items():
         for name, value in leaves.items():
             assert np.asarray(checkpoint.params[module][name]).tobytes() == value.tobytes()
-    done = subprocess.run(
-        [hf_python, "-c", USER, str(run / "hf" / "3"), "The ", "4"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert json.loads(done.stdout.strip().splitlines()[-1])["prompt"] == list(b"The ")
+    *_, theirs = exports["every_run"]  # transformers loads the layout of step 3
+    assert theirs["prompt"] == list(b"The ")

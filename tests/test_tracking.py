@@ -58,6 +58,7 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     command += ["--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1"]
     server = subprocess.Popen(
         [*command, "--port", str(port), "--workers", "1"],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job runner
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -29,6 +29,12 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "already holds checkpoints and resuming is off (--no-resume)" in capsys.readouterr().err
 
 
+NOT_SUPPORTED = (
+    "is a URL, and {scheme}:// storage is not supported: nothing was read or written; pass a "
+    "local or mounted folder (a bucket mounted with s3fs or gcsfuse works)"
+)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -51,6 +57,14 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
             "'no-such-host.invalid'; use an address of this machine "
             "such as 0.0.0.0 or 127.0.0.1",
         ),
+        (
+            ["--set", "data.path=gs://bucket/shards"],
+            f"data.path: gs://bucket/shards {NOT_SUPPORTED.format(scheme='gs')}",
+        ),
+        (
+            ["--set", "train.init_from=s3://models/llama"],
+            f"train.init_from: s3://models/llama {NOT_SUPPORTED.format(scheme='s3')}",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(
@@ -60,6 +74,22 @@ def test_bad_input_is_one_clear_line(
     err = capsys.readouterr().err
     assert err.strip() == f"trainer: error: {message}"
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_dir_that_is_a_url_is_refused_and_no_local_folder_appears(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pathlib alone would make `s3://runs/a` the local folder `s3:/runs/a` and train there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as ended:
+        trainer([*SMALL_RUN, "--run-dir", "s3://runs/a"])
+    assert ended.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        error
+        == f"trainer: error: argument --run-dir: s3://runs/a {NOT_SUPPORTED.format(scheme='s3')}"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_trainer_refuses_a_metrics_port_in_use(

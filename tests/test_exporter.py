@@ -89,9 +89,22 @@ def expect_error(
 
 
 def test_bad_input_is_one_line_and_writes_nothing(
-    run: Path, artifacts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    run: Path,
+    artifacts: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     out = str(tmp_path / "out")
+    monkeypatch.chdir(tmp_path)  # where pathlib would put a URL's "s3:" folder
+    for args in (["--checkpoint", "gs://bucket/run", "--out", out], ["--out", "s3://b/int8"]):
+        with pytest.raises(SystemExit) as ended:  # argparse's usage error
+            exporter(["quantize", "--checkpoint", str(run), *args])
+        assert ended.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert (
+            error.startswith("exporter quantize: error: argument --") and " is a URL, and " in error
+        )
     expect_error(
         ["quantize", "--checkpoint", str(tmp_path / "none"), "--out", out],
         "exporter: error: no checkpoint directory at",

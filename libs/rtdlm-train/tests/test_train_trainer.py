@@ -240,8 +240,14 @@ def test_a_stop_request_finishes_the_step_checkpoints_and_resume_continues(
     assert [s.loss for s in stopped.steps + resumed.steps] == [s.loss for s in straight.steps]
 
 
-def test_a_run_dir_that_is_a_file_or_in_use_is_refused_before_writing(tmp_path: Path) -> None:
+def test_a_run_dir_that_is_a_file_a_url_or_in_use_is_refused_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = config("data.batch_size=2", "train.max_steps=2")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunDirError, match=r"^run dir s3://runs/a is a URL, and s3:// storage is"):
+        Trainer(cfg, DATA, "s3://runs/a")
+    assert list(tmp_path.iterdir()) == []
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirError, match=r"run dir .*file is a file: pass a directory"):
         run(cfg, tmp_path / "file")

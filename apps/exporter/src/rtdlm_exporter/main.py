@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rtdlm.ckpt import CheckpointError
+from rtdlm.ckpt import CheckpointError, local_path
 from rtdlm.data import DataError, Tokenizer, from_index, load_data, load_held_out
 from rtdlm.export import hf as hf_export
 from rtdlm.export import int8, onnx_export, quality
@@ -54,9 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "hf", help="Hugging Face LlamaForCausalLM directory, checked with transformers"
     )
     for command in (quantize, onnx, verify, hf_layout):
-        command.add_argument("--checkpoint", type=Path, required=True, help="a run (dir)")
+        command.add_argument("--checkpoint", type=local_path, required=True, help="a run (dir)")
         command.add_argument("--step", type=step_arg, help="step or 'best' (default: newest)")
-        command.add_argument("--data", type=Path, help="held-out data (default: the run's)")
+        command.add_argument("--data", type=local_path, help="held-out data (default: the run's)")
         command.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens")
         command.add_argument(
             "--max-ppl-increase",
@@ -66,10 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             help="fail when held-out perplexity rises more than this over float32 (default 2)",
         )
     for command in (quantize, onnx, hf_layout):
-        command.add_argument("--out", type=Path, required=True, help="artifact directory")
+        command.add_argument("--out", type=local_path, required=True, help="artifact directory")
         command.add_argument("--force", action="store_true", help="replace an existing --out")
     onnx.add_argument("--int8", action="store_true", help="INT8 MatMul weights (ONNX Runtime)")
-    verify.add_argument("--onnx", type=Path, required=True, help="the ONNX artifact directory")
+    verify.add_argument(
+        "--onnx", type=local_path, required=True, help="the ONNX artifact directory"
+    )
     hf_layout.add_argument("--dtype", choices=sorted(hf.DTYPES), default="float32")
     hf_layout.add_argument(
         "--hf-python",
@@ -77,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ", else this one)",
     )
     run = commands.add_parser("generate", help="continue a prompt with an exported artifact")
-    run.add_argument("--model", type=Path, required=True, help="an INT8 or ONNX artifact dir")
+    run.add_argument("--model", type=local_path, required=True, help="an INT8 or ONNX artifact dir")
     run.add_argument("--prompt", required=True)
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

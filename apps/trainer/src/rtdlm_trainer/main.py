@@ -22,7 +22,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from rtdlm.ckpt import CheckpointError
+from rtdlm.ckpt import CheckpointError, local_path
 from rtdlm.data import BYTE_VOCAB_SIZE
 from rtdlm.data.shards import DataError, read_index
 from rtdlm.data.tokenizer import Tokenizer, load_data
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the English documentation that ships with Python, byte-level tokens.",
     )
     parser.add_argument("--preset", help=f"model size: {', '.join(PRESETS)}")
-    parser.add_argument("--config", type=Path, help="YAML file of config sections")
+    parser.add_argument("--config", type=local_path, help="YAML file of config sections")
     parser.add_argument(
         "--set",
         dest="sets",
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override one config key, e.g. --set optimizer.learning_rate=3e-4 (repeatable)",
     )
-    parser.add_argument("--run-dir", type=Path, help="default: runs/PRESET-TIMESTAMP")
+    parser.add_argument("--run-dir", type=local_path, help="default: runs/PRESET-TIMESTAMP")
     parser.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,

@@ -12,27 +12,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from rtdlm.ckpt import local_path
 from rtdlm.data import BYTES, DataError, Tokenizer, huggingface, sentencepiece
 from rtdlm.data.prepare import Progress, prepare_shards
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="prepare-data", description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="+", type=Path, help="files, directories or globs")
-    parser.add_argument("--output", type=Path, required=True, help="directory for the shards")
+    parser.add_argument("inputs", nargs="+", type=local_path, help="files, directories or globs")
+    parser.add_argument("--output", type=local_path, required=True, help="directory for the shards")
     parser.add_argument("--text-field", default="text", help="JSON key or parquet column")
     parser.add_argument("--validation-every", type=int, default=10, help="hold out every N-th")
     parser.add_argument(
         "--shard-tokens", type=int, default=100_000_000, help="tokens per shard file"
     )
     tokenizers = parser.add_mutually_exclusive_group()
-    tokenizers.add_argument("--sentencepiece", type=Path, help="a SentencePiece .model file")
-    tokenizers.add_argument("--tokenizer", type=Path, help="a Hugging Face tokenizer.json")
+    tokenizers.add_argument("--sentencepiece", type=local_path, help="a SentencePiece .model file")
+    tokenizers.add_argument("--tokenizer", type=local_path, help="a Hugging Face tokenizer.json")
     tokenizers.add_argument(
         "--train-tokenizer", choices=["bpe"], help="train a byte-level BPE on the corpus"
     )

@@ -13,6 +13,7 @@ from rtdlm.ckpt.manager import (
     restore_params,
     set_aside_steps,
 )
+from rtdlm.ckpt.paths import NotALocalPathError, local_path
 from rtdlm.ckpt.retention import Retention, retained_steps
 
 __all__ = [
@@ -22,9 +23,11 @@ __all__ = [
     "CheckpointSaveError",
     "CorruptCheckpointError",
     "NoIntactCheckpointError",
+    "NotALocalPathError",
     "Retention",
     "SaveInfo",
     "git_revision",
+    "local_path",
     "package_versions",
     "restore_params",
     "retained_steps",

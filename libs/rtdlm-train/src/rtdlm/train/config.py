@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from rtdlm.ckpt import NotALocalPathError, local_path
 from rtdlm.model import PRESETS, ModelConfig, hf, preset
 
 
@@ -57,6 +58,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _positive(self, "data", "batch_size", "micro_batches", "eval_batches")
         _non_negative(self, "data", "shuffle_seed", "prefetch")
+        _local("data", "path", self.path)
         if self.batch_size % self.micro_batches:
             raise ConfigError(
                 f"data.micro_batches ({self.micro_batches}) must divide data.batch_size "
@@ -91,6 +93,7 @@ class TrainConfig:
         _non_negative(self, "train", "seed", "z_loss_weight")
         _non_negative(self, "train", "moe_load_balance_weight", "moe_router_z_weight")
         _non_negative(self, "train", "profile_steps", "hf_export_every")
+        _local("train", "init_from", self.init_from)
         if self.on_nonfinite not in ("stop", "rollback"):
             raise ConfigError(
                 f"train.on_nonfinite must be 'stop' or 'rollback', got {self.on_nonfinite!r}"
@@ -160,6 +163,15 @@ def _non_negative(cfg: object, section: str, *names: str) -> None:
     for name in names:
         if not getattr(cfg, name) >= 0:
             raise ConfigError(f"{section}.{name} must be >= 0, got {getattr(cfg, name)}")
+
+
+def _local(section: str, name: str, value: object) -> None:
+    """A path setting given as a URL is refused (rtdlm.ckpt.local_path says why)."""
+    if isinstance(value, str):
+        try:
+            local_path(value)
+        except NotALocalPathError as error:
+            raise ConfigError(f"{section}.{name}: {error}") from None
 
 
 def _in_range(
@@ -341,6 +353,7 @@ def _from_checkpoint(directory: str, model: Mapping[str, Any]) -> dict[str, Any]
     every such field (a run's saved config.yaml) is taken as it is."""
     if all(name in model for name in ARCHITECTURE):
         return dict(model)
+    _local("train", "init_from", directory)
     try:
         fixed = hf.model_config(hf.read_config(directory))
     except hf.HfError as error:

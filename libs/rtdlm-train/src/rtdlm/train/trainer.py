@@ -160,7 +160,11 @@ class Trainer:
         is against (rtdlm.metrics.peak_flops); without one, no MFU. `tokenizer`: the data's,
         recorded in every checkpoint and kept in `<run_dir>/data/` with the first held-out
         documents, so the run exports and samples after its data directory has moved."""
-        self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir).absolute()
+        try:
+            local = ckpt.local_path(run_dir)
+        except ckpt.NotALocalPathError as error:
+            raise RunDirError(f"run dir {error}") from None
+        self.cfg, self.data, self.run_dir = cfg, data, local.absolute()
         self.callbacks = list(callbacks)
         self.resume, self.restart_if_all_corrupt = resume, restart_if_all_corrupt
         self.compile_cache, self.peak, self.tokenizer = compile_cache, peak, tokenizer

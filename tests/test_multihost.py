@@ -4,6 +4,7 @@ jax.distributed, gradients all-reduced over gloo. No simulated communication."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -71,21 +72,42 @@ def test_two_processes_train_the_same_curve_as_one(
     assert sorted(int(p.name) for p in (two_dir / "checkpoints").iterdir()) == [8, 16, 24]
 
 
-def test_a_lost_peer_ends_the_other_and_a_rerun_resumes_to_the_same_loss(
-    tmp_path: Path, straight: tuple[Path, list[str]]
-) -> None:
-    run_dir = tmp_path / "run"
-    survivor, victim = pair(run_dir, *STEPS)
+def kill_one_at(run_dir: Path, step: int, victim_id: int) -> str:
+    """A pair that trains in `run_dir` until `step`, then process `victim_id` is SIGKILLed: the
+    other one's stderr, once it has exited non-zero within the heartbeat timeout."""
+    processes = pair(run_dir, *STEPS)
+    victim, survivor = processes[victim_id], processes[1 - victim_id]
     deadline = time.monotonic() + 300
-    while len(losses(run_dir) if (run_dir / "steps.jsonl").exists() else {}) < LAST // 2:
+    while len(losses(run_dir) if (run_dir / "steps.jsonl").exists() else {}) < step:
         assert survivor.poll() is None and time.monotonic() < deadline, survivor.communicate()
         time.sleep(0.1)
     victim.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
-    survivor.communicate(timeout=60)
-    assert survivor.returncode != 0  # so Kubernetes restarts the job
+    _, err = survivor.communicate(timeout=60)
+    assert survivor.returncode == 1  # so Kubernetes restarts the job
     assert time.monotonic() - killed_at < 5 + 15  # the heartbeat timeout, and some slack
     victim.wait()
+    return err
+
+
+def test_a_lost_peer_is_one_line_on_the_other_and_a_rerun_resumes_to_the_same_loss(
+    tmp_path: Path, straight: tuple[Path, list[str]]
+) -> None:
+    """A worker killed, then the coordinator: each time the other process says so in one line
+    (JAX's own report goes to the log it names), and the job, started again, resumes."""
+    run_dir = tmp_path / "run"
+    worker_lost = kill_one_at(run_dir, LAST // 3, victim_id=1)
+    coordinator_lost = kill_one_at(run_dir, 2 * LAST // 3, victim_id=0)
+    checkpoint = r"(the last checkpoint is step \d+|no checkpoint was written yet)"
+    for err, lost in (
+        (worker_lost, r"lost process 1 of 2 \(no heartbeat for 5 s\)"),
+        (coordinator_lost, r"lost process 0 of 2, the coordinator \(it stopped answering\)"),
+    ):
+        resume = rf"{checkpoint}; restart the job to resume \(JAX's log: (.+)\)"
+        said = re.fullmatch(f"trainer: error: {lost}; {resume}", err.strip())
+        assert said, err
+        jax_said = Path(said.group(2)).read_text()
+        assert "Terminating process because the JAX distributed service" in jax_said
 
     out0, _ = finish(pair(run_dir, *STEPS))
     assert "resumed from step" in out0

@@ -43,6 +43,7 @@ from rtdlm.train import (
     resolve,
 )
 from rtdlm.train.distributed import DistributedError
+from rtdlm.train.supervise import Job, supervise
 from rtdlm.train.tracking import MLflow, TensorBoard
 from rtdlm.train.trainer import describe
 
@@ -164,6 +165,14 @@ def job_cluster(args: argparse.Namespace, environ: Mapping[str, str]) -> distrib
     )
 
 
+def stderr_fd() -> int:
+    """sys.stderr's descriptor: not always 2 (a supervised job's child relays it)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return 2
+
+
 class Signals:
     """SIGTERM/SIGINT: the first asks the run to checkpoint and stop after the current step,
     the second exits at once. This is what Kubernetes preemption (SIGTERM, then SIGKILL) needs."""
@@ -177,11 +186,11 @@ class Signals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name  # os.write: a handler may interrupt a print
         if self.received is not None:
-            os.write(2, f"\n{name} again: exiting now\n".encode())
+            os.write(stderr_fd(), f"\n{name} again: exiting now\n".encode())
             os._exit(128 + signum)
         self.received = name
         os.write(
-            2,
+            stderr_fd(),
             f"\n{name}: finishing this step, then checkpointing and exiting (send it "
             "again to exit at once)\n".encode(),
         )
@@ -227,7 +236,9 @@ def summarize(result: RunResult, tokenizer: Tokenizer, sample_tokens: int, stop:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, supervised: bool = False) -> int:
+    """The trainer; `supervised`: a process of a multi-host job trains in a child process, so
+    that JAX aborting it (a lost peer) ends in one line (the command sets it)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # The libraries' messages are the run's own terminal lines: rtdlm.train's from INFO (resume,
     # config), the others' (a checkpoint set aside, a save that failed) from WARNING.
@@ -238,7 +249,23 @@ def main(argv: list[str] | None = None) -> int:
     run_log.handlers = [logging.StreamHandler(sys.stdout)]
     args = parse_args(argv)
     try:
-        distributed.initialize(job_cluster(args, os.environ))  # before anything touches JAX
+        cluster = job_cluster(args, os.environ)
+    except BAD_INPUT as error:
+        print(f"trainer: error: {error}", file=sys.stderr)
+        return 2
+    if supervised and cluster.multi_process:  # a lost peer is then one line (rtdlm.train.supervise)
+        job = Job(cluster.num_processes, cluster.heartbeat_seconds, args.run_dir, "trainer: error:")
+        code, line = supervise(lambda: train(args, cluster, run_log), job)
+        if line:
+            print(f"trainer: error: {line}", file=sys.stderr)
+        return code
+    return train(args, cluster, run_log)
+
+
+def train(args: argparse.Namespace, cluster: distributed.Cluster, run_log: logging.Logger) -> int:
+    """Joins the job, resolves the config and data, trains; the exit status."""
+    try:
+        distributed.initialize(cluster)  # before anything touches JAX
         who = f"[process {jax.process_index()}/{jax.process_count()}] "
         who = who if jax.process_count() > 1 else ""  # say which process speaks
         run_log.handlers[0].setFormatter(logging.Formatter(who + "%(message)s"))
@@ -304,7 +331,7 @@ def cli() -> None:
     process restarts once with malloc tunables that keep step buffers mapped between steps, in
     huge pages (rtdlm.train.host), then runs main()."""
     host.restart_with_tunables()
-    sys.exit(main())
+    sys.exit(main(supervised=True))
 
 
 if __name__ == "__main__":

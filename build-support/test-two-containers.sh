@@ -78,7 +78,8 @@ kill_after job 12 1 "lost process 1 of 2 (no heartbeat for 5 s); "
 kill_after job 12 0 "lost process 0 of 2, the coordinator (it stopped answering); "
 start_job job
 finish_job job
-podman logs "$job-0" 2>/dev/null | grep -q "resumed from step" || fail "the job started again did not resume"
+resumed="$(podman logs "$job-0" 2>/dev/null)"  # whole, then grep: grep -q would cut the pipe
+grep -q "resumed from step" <<<"$resumed" || fail "the job started again did not resume"
 python3 -c 'import math, sys; sys.exit(not math.isclose(float(sys.argv[1]), float(sys.argv[2]), rel_tol=1e-6))' \
   "$(final_loss job)" "$(final_loss straight)" \
   || fail "final loss $(final_loss job) after two losses, $(final_loss straight) uninterrupted"

@@ -469,3 +469,12 @@ def test_restore_latest_waits_for_the_save_in_flight(tmp_path: Path) -> None:
     with CheckpointManager(tmp_path) as manager:
         manager.save(1, params=model_params(1))
         assert manager.restore_latest(params=model_params()).step == 1
+
+
+def test_committed_steps_are_the_numbered_folders_not_a_save_in_flight(tmp_path: Path) -> None:
+    from rtdlm.ckpt import committed_steps
+
+    assert committed_steps(tmp_path / "none") == []
+    for name in ("16", "8", "24.orbax-checkpoint-tmp-3", "4.corrupt-20261207"):
+        (tmp_path / name).mkdir()
+    assert committed_steps(tmp_path) == [8, 16]

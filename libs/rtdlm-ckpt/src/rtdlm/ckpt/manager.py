@@ -797,6 +797,14 @@ class CheckpointManager:
         return target
 
 
+def committed_steps(directory: str | os.PathLike[str]) -> list[int]:
+    """Committed steps in `directory`, oldest first, from the folder names alone (no orbax, so
+    cheap anywhere): a save in flight or killed is a temporary folder until it commits."""
+    path = _path(directory)
+    names = [p.name for p in path.iterdir()] if path.is_dir() else []
+    return sorted(int(name) for name in names if name.isdigit())
+
+
 def set_aside_steps(directory: str | os.PathLike[str]) -> list[str]:
     """Names of the checkpoints `set_aside` moved out of `directory`, oldest step first."""
     path = _path(directory)

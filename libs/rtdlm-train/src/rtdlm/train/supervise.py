@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from rtdlm import ckpt
+
 _UNHEALTHY = re.compile(r"tasks are unhealthy \(stopped sending heartbeats\):\s*([\d\s,]+)")
 _LEADER = "Failed to send RPC to coordination service"
 _FATAL = re.compile(r"^F\d{4} [\d:.]+\s+\d+ \S+\] (.*)$", re.MULTILINE)
@@ -109,13 +111,13 @@ def explain(log: str, job: Job, code: int) -> str:
 
 
 def _last_checkpoint(run_dir: Path | None) -> str:
-    """The newest committed step (orbax names a step's folder by its number once committed)."""
+    """The newest committed step, as the run dir's folder names say."""
     if run_dir is None:
         return "the run dir's newest checkpoint is where it resumes"
     with contextlib.suppress(OSError):
-        steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+        steps = ckpt.committed_steps(run_dir / "checkpoints")
         if steps:
-            return f"the last checkpoint is step {max(steps)}"
+            return f"the last checkpoint is step {steps[-1]}"
     return "no checkpoint was written yet"
 
 

@@ -207,9 +207,7 @@ class Trainer:
         nothing."""
         checkpoints = self.run_dir / "checkpoints"
         # committed steps only: a killed first save leaves a tmp dir, which is no run to resume
-        has_checkpoints = checkpoints.is_dir() and any(
-            p.name.isdigit() for p in checkpoints.iterdir()
-        )
+        has_checkpoints = bool(ckpt.committed_steps(checkpoints))
         set_aside = ckpt.set_aside_steps(checkpoints)
         if (has_checkpoints or set_aside) and not self.resume:
             raise RunDirError(

@@ -29,8 +29,8 @@ def test_train_checkpoint_export(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "already holds checkpoints and resuming is off (--no-resume)" in capsys.readouterr().err
 
 
-NOT_SUPPORTED = (
-    "is a URL, and {scheme}:// storage is not supported: nothing was read or written; pass a "
+NOT_LOCAL = (
+    "is a URL, and this takes a folder on this machine: nothing was read or written; pass a "
     "local or mounted folder (a bucket mounted with s3fs or gcsfuse works)"
 )
 
@@ -59,11 +59,11 @@ NOT_SUPPORTED = (
         ),
         (
             ["--set", "data.path=gs://bucket/shards"],
-            f"data.path: gs://bucket/shards {NOT_SUPPORTED.format(scheme='gs')}",
+            f"data.path: gs://bucket/shards {NOT_LOCAL}",
         ),
         (
             ["--set", "train.init_from=s3://models/llama"],
-            f"train.init_from: s3://models/llama {NOT_SUPPORTED.format(scheme='s3')}",
+            f"train.init_from: s3://models/llama {NOT_LOCAL}",
         ),
     ],
 )
@@ -76,19 +76,36 @@ def test_bad_input_is_one_clear_line(
     assert not any(tmp_path.iterdir())
 
 
-def test_a_run_dir_that_is_a_url_is_refused_and_no_local_folder_appears(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("run_dir", "message"),
+    [
+        (
+            "hdfs://runs/a",
+            "hdfs://runs/a is a URL, and hdfs:// storage is not supported: nothing was read or "
+            "written; pass a local or mounted folder, s3://bucket/prefix or gs://bucket/prefix",
+        ),
+        (
+            "s3://runs",
+            "s3://runs names no folder in a bucket: nothing was read or written; pass "
+            "s3://bucket/prefix",
+        ),
+    ],
+)
+def test_a_run_dir_on_unsupported_storage_is_refused_and_no_local_folder_appears(
+    run_dir: str,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """pathlib alone would make `s3://runs/a` the local folder `s3:/runs/a` and train there."""
+    """pathlib alone would make `hdfs://runs/a` the local folder `hdfs:/runs/a` and train there
+    (s3:// and gs:// run dirs work: tests/test_object_storage.py)."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as ended:
-        trainer([*SMALL_RUN, "--run-dir", "s3://runs/a"])
+        trainer([*SMALL_RUN, "--run-dir", run_dir])
     assert ended.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert (
-        error
-        == f"trainer: error: argument --run-dir: s3://runs/a {NOT_SUPPORTED.format(scheme='s3')}"
-    )
+    assert error == f"trainer: error: argument --run-dir: {message}"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -97,7 +97,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
 ) -> None:
     out = str(tmp_path / "out")
     monkeypatch.chdir(tmp_path)  # where pathlib would put a URL's "s3:" folder
-    for args in (["--checkpoint", "gs://bucket/run", "--out", out], ["--out", "s3://b/int8"]):
+    for args in (["--checkpoint", "hdfs://bucket/run", "--out", out], ["--out", "s3://b/int8"]):
         with pytest.raises(SystemExit) as ended:  # argparse's usage error
             exporter(["quantize", "--checkpoint", str(run), *args])
         assert ended.value.code == 2

@@ -65,6 +65,14 @@ VARIANTS: dict[str, list[str]] = {
         "training.gpu.enabled=false",
     ],
     "no-metrics-no-resume": ["metrics.enabled=false", "training.resume=false"],
+    "object-storage": [
+        "objectStorage.url=s3://team-runs/rtdlm/",
+        "objectStorage.leaseSeconds=90",
+        "secrets.create=true",
+        "secrets.data.AWS_ACCESS_KEY_ID=AKIAEXAMPLE",
+        "secrets.data.AWS_SECRET_ACCESS_KEY=example",
+        "secrets.data.AWS_REGION=eu-west-1",
+    ],
     "everything": [
         "distributed_training.enabled=true",
         "metrics.serviceMonitor.enabled=true",
@@ -296,6 +304,8 @@ def test_every_value_is_documented() -> None:
         ("training.config.optimiser.learning_rate=1", "Additional property optimiser"),
         ("distributed_training.workers=0", "distributed_training.workers: Must be greater"),
         ("persistence.checkpoints.accessModes={ReadWriteSometimes}", "accessModes"),
+        ("objectStorage.url=hdfs://cluster/runs", "objectStorage.url"),
+        ("objectStorage.url=s3://bucket-only", "objectStorage.url"),
     ],
 )
 def test_schema_rejects_bad_values(run_helm: Callable[..., Any], bad: str, problem: str) -> None:
@@ -468,6 +478,19 @@ def test_storage_class(render: Callable[..., list[dict[str, Any]]]) -> None:
     assert config["data"]["path"] == "/data"
 
 
+def test_a_run_dir_on_object_storage_mounts_no_claim_for_it(
+    render: Callable[..., list[dict[str, Any]]],
+) -> None:
+    docs = render(VARIANTS["object-storage"])
+    assert not claims(docs) and not volume_claims(docs)
+    container = trainer(one(docs, "Job"))
+    assert flag(container["args"], "--run-dir") == f"s3://team-runs/rtdlm/{RELEASE}"
+    assert flag(container["args"], "--lease-seconds") == "90"
+    (secret,) = by_kind(docs, "Secret")
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"}
+    assert {"secretRef": {"name": secret["metadata"]["name"]}} in container["envFrom"]
+
+
 # -- distributed ---------------------------------------------------------------------------------
 
 
@@ -617,6 +640,7 @@ def test_tracking(render: Callable[..., list[dict[str, Any]]]) -> None:
         ("distributed", False),
         ("distributed-tiny-cpu", True),
         ("no-metrics-no-resume", False),
+        ("object-storage", False),
     ],
 )
 def test_trainer_accepts_rendered_args(
@@ -636,7 +660,11 @@ def test_trainer_accepts_rendered_args(
     cfg = resolve_config(args)
     preset = flag(container["args"], "--preset")
     assert cfg.preset == preset
-    assert args.run_dir == Path(f"/runs/{RELEASE}")
+    if variant == "object-storage":
+        assert str(args.run_dir) == f"s3://team-runs/rtdlm/{RELEASE}"
+        assert args.lease_seconds == 90
+    else:
+        assert str(args.run_dir) == f"/runs/{RELEASE}"
     if variant == "no-metrics-no-resume":
         assert args.resume is False
         assert cfg.metrics.enabled is False

@@ -37,3 +37,23 @@ def test_a_moved_attribute_fails_the_check_naming_it_and_the_module() -> None:
     assert "orbax_internals.py" in message
     assert orbax_internals.commit_futures(Moved()) == []
     orbax_internals.await_tmp_cleanup(Moved())  # degrades quietly
+
+
+def test_s3_paths_get_tensorstores_s3_driver_and_gs_and_local_ones_are_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    build = tensorstore_utils.build_kvstore_tspec
+    orbax_internals.use_s3_driver()
+    orbax_internals.use_s3_driver()  # idempotent: wrapped once
+    spec = build("s3://b/run/checkpoints/5/params", use_ocdbt=False)
+    assert (spec["driver"], spec["bucket"], spec["path"]) == ("s3", "b", "run/checkpoints/5/params")
+    assert spec["endpoint"] == "http://127.0.0.1:9000"
+    assert build("gs://b/run/5/params", use_ocdbt=False)["driver"] == "gcs"
+    assert build("/tmp/run/5/params", use_ocdbt=False) == {
+        "driver": "file",
+        "path": "/tmp/run/5/params",
+    }

@@ -1,6 +1,8 @@
-"""Paths that are URLs are refused before anything is read or written."""
+"""Where a path must be local, any URL is refused; where it may be on object storage, s3:// and
+gs:// pass and every other URL is refused; both before anything is read or written."""
 
 import argparse
+import os
 import string
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rtdlm.ckpt import NotALocalPathError, local_path
+from rtdlm.ckpt import NotALocalPathError, StoragePathError, kvstore, local_path, storage_path
 
 
 @pytest.mark.parametrize(
@@ -17,9 +19,8 @@ from rtdlm.ckpt import NotALocalPathError, local_path
 def test_a_url_is_refused_naming_its_scheme_and_the_fix(url: str) -> None:
     with pytest.raises(NotALocalPathError) as refused:
         local_path(url)
-    scheme = url.split("://")[0]
     assert str(refused.value) == (
-        f"{url} is a URL, and {scheme}:// storage is not supported: nothing was read or "
+        f"{url} is a URL, and this takes a folder on this machine: nothing was read or "
         "written; pass a local or mounted folder (a bucket mounted with s3fs or gcsfuse works)"
     )
 
@@ -58,4 +59,63 @@ def test_argparse_prints_the_refusal_as_its_usage_error(
         parser.parse_args(["--run-dir", "s3://runs/a"])
     assert ended.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("tool: error: argument --run-dir: s3://runs/a is a URL, and s3://")
+    assert last.startswith("tool: error: argument --run-dir: s3://runs/a is a URL, and this")
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("s3://runs/a", "s3://runs/a"),
+        ("gs://bucket/prefix/run/", "gs://bucket/prefix/run"),
+        ("s3://b//x//", "s3://b/x"),
+    ],
+)
+def test_object_storage_is_kept_as_a_url(path: str, expected: str) -> None:
+    assert str(storage_path(path)) == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("hdfs://nn/runs", "hdfs:// storage is not supported"),
+        ("S3://B/x", "S3:// storage is not supported"),
+        ("file:///tmp/x", "file:// storage is not supported"),
+        ("s3://bucket", "names no folder in a bucket"),
+        ("gs:///prefix", "names no folder in a bucket"),
+    ],
+)
+def test_other_storage_is_refused_naming_the_fix(path: str, problem: str) -> None:
+    with pytest.raises(StoragePathError) as refused:
+        storage_path(path)
+    assert problem in str(refused.value)
+    assert "nothing was read or written; pass " in str(refused.value)
+
+
+@given(st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=40))
+def test_a_local_path_is_made_absolute_and_kept(text: str) -> None:
+    if is_url(text):
+        return
+    assert str(storage_path(text)) == os.path.abspath(text)
+
+
+def test_the_s3_driver_takes_the_endpoint_and_keys_from_the_standard_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    assert kvstore("s3://b/runs/a") == {"driver": "s3", "bucket": "b", "path": "runs/a"}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA")
+    assert kvstore("s3://b/runs/a") == {
+        "driver": "s3",
+        "bucket": "b",
+        "path": "runs/a",
+        "endpoint": "http://minio:9000",
+        "aws_region": "eu-west-1",
+        "aws_credentials": {"type": "environment"},
+    }
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-only:9000")  # the service's own wins
+    assert kvstore("s3://b/x")["endpoint"] == "http://s3-only:9000"
+    assert kvstore("gs://b/runs/a") == {"driver": "gcs", "bucket": "b", "path": "runs/a"}

@@ -245,8 +245,8 @@ def test_a_run_dir_that_is_a_file_a_url_or_in_use_is_refused_before_writing(
 ) -> None:
     cfg = config("data.batch_size=2", "train.max_steps=2")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(RunDirError, match=r"^run dir s3://runs/a is a URL, and s3:// storage is"):
-        Trainer(cfg, DATA, "s3://runs/a")
+    with pytest.raises(RunDirError, match=r"^run dir hdfs://runs/a is a URL, and hdfs:// storage"):
+        Trainer(cfg, DATA, "hdfs://runs/a")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirError, match=r"run dir .*file is a file: pass a directory"):

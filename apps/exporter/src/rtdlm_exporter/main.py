@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from rtdlm.ckpt import CheckpointError, local_path
+from rtdlm.ckpt import CheckpointError, download, is_remote, local_path, storage_path
 from rtdlm.data import DataError, Tokenizer, from_index, load_data, load_held_out
 from rtdlm.export import hf as hf_export
 from rtdlm.export import int8, onnx_export, quality
@@ -54,7 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "hf", help="Hugging Face LlamaForCausalLM directory, checked with transformers"
     )
     for command in (quantize, onnx, verify, hf_layout):
-        command.add_argument("--checkpoint", type=local_path, required=True, help="a run (dir)")
+        command.add_argument(
+            "--checkpoint",
+            type=storage_path,
+            required=True,
+            help="a run (dir): a folder, s3://bucket/prefix or gs://bucket/prefix",
+        )
         command.add_argument("--step", type=step_arg, help="step or 'best' (default: newest)")
         command.add_argument("--data", type=local_path, help="held-out data (default: the run's)")
         command.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens")
@@ -95,9 +101,11 @@ def held_out(trained: Trained, data: Path | None, eval_tokens: int) -> tuple[np.
     """Held-out rows to measure on, and their tokenizer: `data` where given, else the run's own
     copy of its first held-out documents and tokenizer (`<run>/data/`), else (a run from before
     runs kept one) the data directory it trained on."""
-    run_copy = Path(trained.source["checkpoint"]).parent / "data"
+    run_copy = storage_path(trained.source["checkpoint"]).parent / "data"
     if data is None and (run_copy / "index.json").is_file():
-        validation, tokenizer = load_held_out(run_copy)
+        if is_remote(run_copy):  # a few small files: read from a local copy
+            run_copy = download(run_copy, tempfile.mkdtemp(prefix="rtdlm-held-out-"))
+        validation, tokenizer = load_held_out(Path(run_copy))
     else:
         where = data or (trained.run_config.get("data") or {}).get("path")
         path = None if where is None else Path(where)

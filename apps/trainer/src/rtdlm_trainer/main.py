@@ -22,7 +22,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from rtdlm.ckpt import CheckpointError, local_path
+from rtdlm.ckpt import CheckpointError, local_path, storage_path
 from rtdlm.data import BYTE_VOCAB_SIZE
 from rtdlm.data.shards import DataError, read_index
 from rtdlm.data.tokenizer import Tokenizer, load_data
@@ -94,7 +94,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override one config key, e.g. --set optimizer.learning_rate=3e-4 (repeatable)",
     )
-    parser.add_argument("--run-dir", type=local_path, help="default: runs/PRESET-TIMESTAMP")
+    parser.add_argument(
+        "--run-dir",
+        type=storage_path,
+        help="a folder, s3://bucket/prefix or gs://bucket/prefix (default: runs/PRESET-TIMESTAMP)",
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=60.0,
+        help="on S3/GCS: how long a killed trainer's run dir stays locked (default: 60)",
+    )
     parser.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
@@ -274,7 +284,9 @@ def train(args: argparse.Namespace, cluster: distributed.Cluster, run_log: loggi
             print(describe(cfg))
             return 0
         data, tokenizer = load_data(cfg.data.path)
-        run_dir = args.run_dir or Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = args.run_dir or storage_path(
+            Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
         peak = peak_flops(cfg.metrics.peak_flops, dtype=cfg.model.compute_dtype)
         registry = CollectorRegistry()
         metrics = PrometheusTrainingCallback(
@@ -311,6 +323,7 @@ def train(args: argparse.Namespace, cluster: distributed.Cluster, run_log: loggi
         restart_if_all_corrupt=args.restart_if_all_corrupt,
         peak=peak,
         tokenizer=tokenizer,
+        lease_seconds=args.lease_seconds,
     )
     signals = Signals()
     try:

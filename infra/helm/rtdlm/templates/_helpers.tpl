@@ -100,9 +100,19 @@ app.kubernetes.io/component: {{ include "rtdlm.component" . }}
 {{- default (printf "%s-env" (include "rtdlm.fullname" .)) .Values.secrets.existingSecret -}}
 {{- end -}}
 
-{{/* The run dir on the checkpoint volume: one per release, so a reinstall resumes it. */}}
+{{/* The run dir on object storage or the checkpoint volume: one per release, so a reinstall
+resumes it. */}}
 {{- define "rtdlm.runDir" -}}
+{{- if .Values.objectStorage.url -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.objectStorage.url) .Release.Name -}}
+{{- else -}}
 {{- printf "/runs/%s" .Release.Name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the run dir is on the checkpoint volume's claim. */}}
+{{- define "rtdlm.runsClaim" -}}
+{{- if and .Values.persistence.checkpoints.enabled (not .Values.objectStorage.url) -}}true{{- end -}}
 {{- end -}}
 
 {{/* The trainer's config file: training.config, with the preset, the metrics port and the
@@ -132,6 +142,10 @@ data volume filled in (the user's own data.path wins). */}}
 - /etc/rtdlm/config.yaml
 - --run-dir
 - {{ include "rtdlm.runDir" . | quote }}
+{{- if .Values.objectStorage.url }}
+- --lease-seconds
+- {{ .Values.objectStorage.leaseSeconds | quote }}
+{{- end }}
 {{- if .Values.metrics.enabled }}
 - --metrics-host
 - 0.0.0.0
@@ -313,7 +327,7 @@ volumes:
     configMap:
       name: {{ include "rtdlm.fullname" . }}-config
   - name: runs
-    {{- if .Values.persistence.checkpoints.enabled }}
+    {{- if include "rtdlm.runsClaim" . }}
     persistentVolumeClaim:
       claimName: {{ include "rtdlm.checkpointsClaim" . }}
     {{- else }}

@@ -14,7 +14,16 @@ from rtdlm.ckpt.manager import (
     restore_params,
     set_aside_steps,
 )
-from rtdlm.ckpt.paths import NotALocalPathError, local_path
+from rtdlm.ckpt.paths import (
+    NotALocalPathError,
+    StoragePathError,
+    download,
+    is_remote,
+    kvstore,
+    local_path,
+    storage_path,
+    upload,
+)
 from rtdlm.ckpt.retention import Retention, retained_steps
 
 __all__ = [
@@ -27,11 +36,17 @@ __all__ = [
     "NotALocalPathError",
     "Retention",
     "SaveInfo",
+    "StoragePathError",
     "committed_steps",
+    "download",
     "git_revision",
+    "is_remote",
+    "kvstore",
     "local_path",
     "package_versions",
     "restore_params",
     "retained_steps",
     "set_aside_steps",
+    "storage_path",
+    "upload",
 ]

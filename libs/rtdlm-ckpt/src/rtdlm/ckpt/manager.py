@@ -46,7 +46,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from rtdlm.ckpt import arrays, integrity, orbax_internals, quiet
+from rtdlm.ckpt import arrays, integrity, orbax_internals, paths, quiet
 from rtdlm.ckpt.retention import PreservationPolicy, Retention, best_of
 
 PyTree = Any
@@ -251,9 +251,25 @@ def _as_target(tree: PyTree) -> PyTree:
 
 
 def _path(directory: str | os.PathLike[str]) -> epath.Path:
-    """Local paths made absolute (tensorstore requires it); URLs such as gs:// pass through."""
-    text = os.fspath(directory)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
+    """Local paths made absolute (tensorstore requires it); s3:// and gs:// as they are."""
+    try:
+        return paths.storage_path(directory)
+    except paths.StoragePathError as error:
+        raise CheckpointError(str(error)) from None
+
+
+# Object storage renames nothing atomically (a folder is a copy, then a delete), so there a step
+# is written where it ends up and is committed by a last small file: orbax's way on GCS.
+_COMMIT_FILE = ocp.path.atomicity.CommitFileTemporaryPath
+_COMMITTED = "commit_success.txt"
+
+
+def _temporary_path_class(directory: epath.Path) -> type[Any] | None:
+    if not paths.is_remote(directory):
+        return None  # orbax's default: a temporary folder renamed when complete
+    if str(directory).startswith("s3://"):
+        orbax_internals.use_s3_driver()
+    return _COMMIT_FILE
 
 
 def _check_readable(directory: epath.Path) -> None:
@@ -357,7 +373,8 @@ class CheckpointManager:
         self._versions: dict[str, str] | None = None
         # orbax's default step directories, kept so steps() can list them without orbax's
         # reload, which also starts new threads to read every step's metrics, even for one step.
-        self._step_names = ocp.path.step.standard_name_format()
+        commit = _temporary_path_class(self.directory)
+        self._step_names = ocp.path.step.standard_name_format(temporary_path_cls=commit)
         with quiet.read_only_notices() if read_only else contextlib.nullcontext():
             options = ocp.CheckpointManagerOptions(
                 step_name_format=self._step_names,
@@ -372,6 +389,7 @@ class CheckpointManager:
                 async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
                 read_only=read_only,
                 create=not read_only,
+                temporary_path_class=commit,
             )
             handlers = {item: _array_handler() for item in _STATE_ITEMS}
             handlers |= {item: ocp.JsonCheckpointHandler() for item in _JSON_ITEMS}
@@ -798,11 +816,15 @@ class CheckpointManager:
 
 
 def committed_steps(directory: str | os.PathLike[str]) -> list[int]:
-    """Committed steps in `directory`, oldest first, from the folder names alone (no orbax, so
-    cheap anywhere): a save in flight or killed is a temporary folder until it commits."""
+    """Committed steps in `directory`, oldest first, without orbax: locally from the folder
+    names (a save in flight or killed is a temporary folder until it commits), on object
+    storage from each step's commit file."""
     path = _path(directory)
     names = [p.name for p in path.iterdir()] if path.is_dir() else []
-    return sorted(int(name) for name in names if name.isdigit())
+    steps = sorted(int(name) for name in names if name.isdigit())
+    if paths.is_remote(path):
+        steps = [step for step in steps if (path / str(step) / _COMMITTED).exists()]
+    return steps
 
 
 def set_aside_steps(directory: str | os.PathLike[str]) -> list[str]:

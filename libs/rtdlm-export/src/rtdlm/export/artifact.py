@@ -87,14 +87,18 @@ def load_checkpoint(directory: str | os.PathLike[str], step: int | str | None = 
     """The params of checkpoint `step` (default: the newest intact one; "best": the best by
     held-out loss) of a run directory or its checkpoints/, verified, with the model config the
     run saved beside them. Errors are ckpt.CheckpointError or ExportError."""
-    if (Path(directory) / "checkpoints").is_dir():
-        directory = Path(directory) / "checkpoints"
-    checkpoint = ckpt.restore_params(directory, step)  # type: ignore[arg-type]
-    where = f"checkpoint step {checkpoint.step} in {directory}"
+    try:
+        path = ckpt.storage_path(directory)  # local (made absolute), s3:// or gs://
+    except ckpt.StoragePathError as error:
+        raise ExportError(str(error)) from None
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    checkpoint = ckpt.restore_params(path, step)  # type: ignore[arg-type]
+    where = f"checkpoint step {checkpoint.step} in {path}"
     cfg = model_config(checkpoint.config.get("model"), where)
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), checkpoint.params)
     source = {
-        "checkpoint": str(Path(directory).resolve()),
+        "checkpoint": str(path if ckpt.is_remote(path) else Path(path).resolve()),
         "step": checkpoint.step,
         "params_sha256": params_sha256(params),
     }

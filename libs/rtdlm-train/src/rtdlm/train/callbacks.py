@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from etils import epath
 from tqdm import tqdm
 
+from rtdlm import ckpt
 from rtdlm.train.rundir import RunDirError
 
 if TYPE_CHECKING:
@@ -65,8 +67,9 @@ class CheckpointLog:
 class Callback:
     """The hooks a run calls; each does nothing until overridden."""
 
-    def on_start(self, cfg: RunConfig, run_dir: Path, step: int) -> None:
-        """The run is settled (its config saved, any resume done) and starts at `step`."""
+    def on_start(self, cfg: RunConfig, run_dir: epath.Path, step: int) -> None:
+        """The run is settled (its config saved, any resume done) and starts at `step`.
+        `run_dir` is a local path or, for a run on object storage, an s3:// or gs:// one."""
 
     def on_step(self, log: StepLog) -> None:
         pass
@@ -92,10 +95,21 @@ class StepsFile(Callback):
 
     One write(2) per line on an O_APPEND descriptor, so lines never interleave or tear; a full
     disk loses lines (logged once) rather than stopping the run: the checkpoint policy decides
-    that."""
+    that. Object storage cannot append: there the file is rewritten whole at each committed
+    checkpoint, at most every `flush_seconds` between them, and at the end, so a killed run
+    loses at most the lines since then, which its resume trains again."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | epath.Path, flush_seconds: float = 60.0) -> None:
         self.path = path
+        self._failing = False
+        self._fd = -1
+        self._remote: epath.Path | None = None
+        self._lines: list[str] = []
+        self._flush_seconds, self._flushed = flush_seconds, time.monotonic()
+        if ckpt.is_remote(path):
+            self._remote = epath.Path(path)
+            self._lines = [self._remote.read_text()] if self._remote.exists() else []
+            return
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as error:
@@ -103,12 +117,16 @@ class StepsFile(Callback):
                 f"cannot write {path}: {error.strerror}: make the run dir writable or pass "
                 "another --run-dir"
             ) from None
-        self._failing = False
 
     def on_step(self, log: StepLog) -> None:
         hidden = ("flops", "nonfinite_in_row", "peak_flops")
         record = {k: v for k, v in asdict(log).items() if k not in hidden}
         record |= {"tokens_per_second": log.tokens_per_second, "time": time.time()}
+        if self._remote is not None:
+            self._lines.append(json.dumps(record) + "\n")
+            if time.monotonic() - self._flushed > self._flush_seconds:
+                self._flush()
+            return
         try:
             os.write(self._fd, (json.dumps(record) + "\n").encode())
         except OSError as error:
@@ -118,6 +136,10 @@ class StepsFile(Callback):
         else:
             self._failing = False
 
+    def on_checkpoint_committed(self, log: CheckpointLog) -> None:
+        if self._remote is not None:
+            self._flush()
+
     def on_end(self, result: RunResult) -> None:
         self.close()
 
@@ -125,6 +147,21 @@ class StepsFile(Callback):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._remote is not None:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._remote is None:
+            return
+        self._flushed = time.monotonic()
+        try:
+            self._remote.write_text("".join(self._lines))
+        except OSError as error:
+            if not self._failing:
+                logger.warning("cannot write %s (%s): will try again", self.path, error)
+            self._failing = True
+        else:
+            self._failing = False
 
 
 class Progress(Callback):

@@ -10,11 +10,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rtdlm.train.callbacks import Callback, EvalLog, StepLog
+from etils import epath
+
+from rtdlm import ckpt
+from rtdlm.train.callbacks import Callback, CheckpointLog, EvalLog, StepLog
 from rtdlm.train.config import RunConfig, flatten, to_dict, to_yaml
 
 if TYPE_CHECKING:
@@ -50,12 +54,31 @@ class TensorBoard(Callback):
 
     def __init__(self) -> None:
         self.writer: Any = None
+        self.upload_to: epath.Path | None = None  # object storage: written locally, copied up
 
-    def on_start(self, cfg: RunConfig, run_dir: Path, step: int) -> None:
+    def on_start(self, cfg: RunConfig, run_dir: epath.Path, step: int) -> None:
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=10)
+        where = str(run_dir / "tensorboard")
+        if ckpt.is_remote(run_dir):  # tensorboardX writes to S3 only through boto3
+            where, self.upload_to = (
+                tempfile.mkdtemp(prefix="rtdlm-tensorboard-"),
+                run_dir / "tensorboard",
+            )
+        self.writer = SummaryWriter(where, flush_secs=10)
         self.writer.add_text("config", "```\n" + to_yaml(cfg) + "```", step)
+
+    def on_checkpoint_committed(self, log: CheckpointLog) -> None:
+        self._upload()
+
+    def _upload(self) -> None:
+        if self.upload_to is None:
+            return
+        self.writer.flush()
+        try:
+            ckpt.upload(Path(self.writer.logdir), self.upload_to)
+        except OSError as error:
+            log.warning("cannot copy TensorBoard files to %s: %s", self.upload_to, error)
 
     def on_step(self, log: StepLog) -> None:
         for tag, value in _scalars(log).items():
@@ -67,10 +90,12 @@ class TensorBoard(Callback):
 
     def on_end(self, result: RunResult) -> None:
         if self.writer is not None:
+            self._upload()
             self.writer.close()
 
     def on_error(self, error: BaseException) -> None:
         if self.writer is not None:
+            self._upload()
             self.writer.close()
 
 
@@ -82,10 +107,10 @@ class MLflow(Callback):
     def __init__(self, uri: str, experiment: str = "rtdlm") -> None:
         self.uri, self.experiment = uri, experiment
         self.run_id: str | None = None
-        self.run_dir = Path()
+        self.run_dir = epath.Path()
         self.pending: list[Any] = []
 
-    def on_start(self, cfg: RunConfig, run_dir: Path, step: int) -> None:
+    def on_start(self, cfg: RunConfig, run_dir: epath.Path, step: int) -> None:
         # A down server fails fast rather than retrying for minutes (unless the user said so).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -152,8 +177,9 @@ class MLflow(Callback):
         try:
             for future in self.pending:
                 future.wait()
-            if (self.run_dir / "config.yaml").is_file():
-                self.client.log_artifact(self.run_id, str(self.run_dir / "config.yaml"))
+            if (self.run_dir / "config.yaml").is_file():  # read here: it may be on S3 or GCS
+                config = (self.run_dir / "config.yaml").read_text()
+                self.client.log_text(self.run_id, config, "config.yaml")
             if summary:
                 self.client.log_text(self.run_id, summary + "\n", "summary.txt")
             self.client.set_terminated(self.run_id, status)

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -26,6 +27,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -60,7 +62,7 @@ from rtdlm.train.loop import (
     make_train_step,
     state_from,
 )
-from rtdlm.train.rundir import RunDirError, RunDirLock
+from rtdlm.train.rundir import RunDirError, RunDirLease, run_dir_guard
 from rtdlm.train.sharding import (
     MESH_AXES,
     batch_sharding,
@@ -86,7 +88,7 @@ class RunResult:
     seconds: float
     evals: tuple[EvalLog, ...]
     params: hk.Params | None  # after the last step
-    checkpoints: Path
+    checkpoints: epath.Path  # local, or s3:// or gs://
     last_checkpoint: int | None  # the newest committed checkpoint
     message: str = ""
 
@@ -154,17 +156,20 @@ class Trainer:
         compile_cache: bool = True,
         peak: Peak | None = None,
         tokenizer: Tokenizer | None = None,
+        lease_seconds: float = 60.0,
     ) -> None:
         """`restart_if_all_corrupt`: where every checkpoint in the run dir is corrupt, set them
         aside and train from step 0 (without it, such a run dir is refused). `peak`: what MFU
         is against (rtdlm.metrics.peak_flops); without one, no MFU. `tokenizer`: the data's,
         recorded in every checkpoint and kept in `<run_dir>/data/` with the first held-out
-        documents, so the run exports and samples after its data directory has moved."""
+        documents, so the run exports and samples after its data directory has moved.
+        `run_dir` may be s3://bucket/prefix or gs://bucket/prefix; there one writer is kept by
+        a lease that lapses `lease_seconds` after its holder stops renewing it."""
         try:
-            local = ckpt.local_path(run_dir)
-        except ckpt.NotALocalPathError as error:
+            self.run_dir = ckpt.storage_path(run_dir)
+        except ckpt.StoragePathError as error:
             raise RunDirError(f"run dir {error}") from None
-        self.cfg, self.data, self.run_dir = cfg, data, local.absolute()
+        self.cfg, self.data, self.lease_seconds = cfg, data, lease_seconds
         self.callbacks = list(callbacks)
         self.resume, self.restart_if_all_corrupt = resume, restart_if_all_corrupt
         self.compile_cache, self.peak, self.tokenizer = compile_cache, peak, tokenizer
@@ -180,9 +185,13 @@ class Trainer:
         # One writer per run dir: process 0 writes everything but checkpoints (orbax has every
         # process write its own shards of those)
         writer = jax.process_index() == 0
-        with RunDirLock(self.run_dir) if writer else contextlib.nullcontext():
+        guard = run_dir_guard(self.run_dir, self.lease_seconds) if writer else None
+        with guard or contextlib.nullcontext():
+            if isinstance(guard, RunDirLease):  # another trainer took over: stop at once
+                should_stop = _checked(guard, should_stop)
             cfg, fresh, start_over = self._settle_config()
-            if self.compile_cache:  # before anything compiles: restarts reuse compiled steps
+            # before anything compiles: restarts reuse compiled steps (kept locally only)
+            if self.compile_cache and not ckpt.is_remote(self.run_dir):
                 use_compile_cache(self.run_dir / "xla-cache")
             retention = ckpt.Retention(keep_last=cfg.train.keep_checkpoints, keep_best=1)
             with ckpt.CheckpointManager(self.run_dir / "checkpoints", retention) as manager:
@@ -196,9 +205,17 @@ class Trainer:
                     initial = initial_params(cfg, mesh)
                 self._save_config(cfg)
                 if writer and self.tokenizer is not None and not (self.run_dir / "data").exists():
-                    write_held_out(self.run_dir / "data", self.data.validation, self.tokenizer)
+                    self._write_held_out(self.tokenizer)
                 run = _Run(cfg, self, manager, mesh, held_out)
                 return run.run(restored, should_stop, initial)
+
+    def _write_held_out(self, tokenizer: Tokenizer) -> None:
+        if not ckpt.is_remote(self.run_dir):
+            write_held_out(Path(self.run_dir / "data"), self.data.validation, tokenizer)
+            return
+        with tempfile.TemporaryDirectory(prefix="rtdlm-held-out-") as staging:
+            write_held_out(Path(staging) / "data", self.data.validation, tokenizer)
+            ckpt.upload(Path(staging) / "data", self.run_dir / "data")
 
     def _settle_config(self) -> tuple[RunConfig, bool, bool]:
         """The config to run with, whether this is a fresh start, and whether it starts over in
@@ -259,14 +276,25 @@ class Trainer:
             return
         saved_file = self.run_dir / "config.yaml"
         try:
-            saved_file.with_suffix(".yaml.tmp").write_text(to_yaml(cfg))
-            saved_file.with_suffix(".yaml.tmp").replace(saved_file)
+            if ckpt.is_remote(saved_file):  # one PUT: readers see the old file or the new
+                saved_file.write_text(to_yaml(cfg))
+            else:
+                saved_file.with_suffix(".yaml.tmp").write_text(to_yaml(cfg))
+                saved_file.with_suffix(".yaml.tmp").replace(saved_file)
         except OSError as error:
             raise RunDirError(
-                f"cannot write {saved_file}: {error.strerror}: make the run dir writable or "
-                "pass another --run-dir"
+                f"cannot write {saved_file}: {error.strerror or error}: make the run dir "
+                "writable or pass another --run-dir"
             ) from None
         log.info("config (%s):\n%s", saved_file, to_yaml(cfg).rstrip())
+
+
+def _checked(lease: RunDirLease, should_stop: Callable[[], bool]) -> Callable[[], bool]:
+    def check_then_ask() -> bool:
+        lease.check()
+        return should_stop()
+
+    return check_then_ask
 
 
 # How a refusal to resume ends: what is left as it was, and the ways on.
@@ -381,6 +409,7 @@ class _Run:
         self.rollbacks = 0
         self.last_done = time.perf_counter()
         self.profiling = False
+        self.profile_dir = self.run_dir / "profile"
         self.save_failed = False
         self.start_step = 0
 
@@ -423,7 +452,7 @@ class _Run:
             seconds=time.perf_counter() - started,
             evals=tuple(self.evals),
             params=end.state.params if end.step > self.start_step else None,
-            checkpoints=Path(str(self.manager.directory)),
+            checkpoints=self.manager.directory,
             last_checkpoint=self.manager.latest_step(),
             message=end.message,
         )
@@ -557,7 +586,11 @@ class _Run:
         return bool(profile) and step == self.start_step + 2 and jax.process_index() == 0
 
     def _start_profile(self) -> None:
-        jax.profiler.start_trace(str(self.run_dir / "profile"))
+        where = self.run_dir / "profile"
+        if ckpt.is_remote(where):  # written locally, uploaded when it stops
+            where = epath.Path(tempfile.mkdtemp(prefix="rtdlm-profile-"))
+        self.profile_dir = where
+        jax.profiler.start_trace(str(where))
         self.profiling = True
 
     def _finish(self, pending: _Pending | None) -> None:
@@ -650,7 +683,10 @@ class _Run:
         if jax.process_index() != 0:
             return
         started, out = time.perf_counter(), self.run_dir / "hf" / str(step)
-        staging = out.with_name(f".{step}.partial")
+        remote = ckpt.is_remote(out)  # staged in a local folder, then uploaded
+        staging = Path(
+            tempfile.mkdtemp(prefix="rtdlm-hf-") if remote else out.with_name(f".{step}.partial")
+        )
         tokenizer = self.tokenizer
         try:
             shutil.rmtree(staging, ignore_errors=True)
@@ -663,8 +699,14 @@ class _Run:
                     save_hf_tokenizer(tokenizer, staging, self.cfg.model.seq_len)
                 except DataError as error:
                     log.warning("Hugging Face layout of step %d has no tokenizer: %s", step, error)
-            shutil.rmtree(out, ignore_errors=True)
-            staging.rename(out)
+            if remote:
+                if out.exists():
+                    out.rmtree()
+                ckpt.upload(staging, out)
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+                staging.rename(out)
         except OSError as error:
             log.warning("Hugging Face export at step %d failed: %s", step, error)
             shutil.rmtree(staging, ignore_errors=True)
@@ -676,6 +718,9 @@ class _Run:
         if self.profiling:
             jax.profiler.stop_trace()
             self.profiling = False
+            if self.profile_dir != self.run_dir / "profile":
+                ckpt.upload(Path(self.profile_dir), self.run_dir / "profile")
+                shutil.rmtree(self.profile_dir, ignore_errors=True)
             log.info("profile written to %s", self.run_dir / "profile")
 
     def _evaluate(self, step: int, state: TrainState) -> float:

@@ -1,0 +1,182 @@
+"""Run dirs on S3, against moto's S3 server on a loopback port (build-support/moto-venv.sh):
+checkpoints through tensorstore's s3 driver, the one-writer lease, a run killed and resumed
+bit for bit, and an export straight from the bucket."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SMALL_RUN, free_port, missing_tool, start_trainer
+from etils import epath
+
+from rtdlm.ckpt import CheckpointManager, Retention, committed_steps, restore_params
+from rtdlm.train.rundir import LEASE_FILE, RunDirError, RunDirLease
+from rtdlm_exporter.main import main as exporter
+from rtdlm_trainer.main import main as trainer
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "rtdlm-test"
+SMALL = [*SMALL_RUN, "--max-steps", "20", "--checkpoint-every", "5", "--eval-every", "10"]
+SMALL += ["--no-metrics"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server with one bucket; the standard AWS variables point everything at it."""
+    moto = os.environ.get("RTDLM_MOTO")
+    if not moto:
+        missing_tool(
+            "RTDLM_MOTO names no moto_server command, so the S3 tests cannot run: "
+            "build-support/moto-venv.sh makes one and prints its path",
+            "RTDLM_REQUIRE_MOTO",
+        )
+    port, log = free_port(), tmp_path_factory.mktemp("moto") / "server.log"
+    with log.open("w") as sink:  # a line per request: a pipe nobody reads would fill and stall it
+        server = subprocess.Popen(
+            [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=sink, stderr=subprocess.STDOUT
+        )
+    endpoint, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    while True:
+        try:  # moto takes unsigned requests: make the bucket
+            request = urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT")
+            with urllib.request.urlopen(request, timeout=2):  # nosec B310 # loopback
+                break
+        except OSError:
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "moto_server did not start in 60 s"
+            time.sleep(0.2)
+    variables = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in variables.items():
+            patch.setenv(name, value)
+        yield endpoint
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def url(name: str) -> str:
+    return f"s3://{BUCKET}/{name}"
+
+
+def test_checkpoints_on_s3_commit_by_their_commit_file_and_come_back_exactly() -> None:
+    directory = url("manager")
+    params = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(4, jnp.bfloat16)}
+    with CheckpointManager(directory, Retention(keep_last=2, keep_best=1)) as manager:
+        for step, loss in ((1, 2.0), (2, 3.0), (3, 4.0), (4, 5.0)):
+            manager.save(
+                step, params=params, rng=jax.random.PRNGKey(step), metrics={"eval_loss": loss}
+            )
+        manager.wait()
+        assert manager.steps() == [1, 3, 4]  # the last two and the best
+    # a step folder without its commit file (a save killed half way) is no checkpoint
+    (epath.Path(directory) / "5" / "params" / "stray").write_text("x")
+    assert committed_steps(directory) == [1, 3, 4]
+    restored = restore_params(directory)
+    assert restored.step == 4
+    for name, value in params.items():
+        assert np.asarray(restored.params[name]).tobytes() == np.asarray(value).tobytes()
+    assert not Path("s3:").exists()  # nothing went to a local folder named after the URL
+
+
+def test_the_lease_refuses_a_second_writer_and_is_taken_over_only_once_it_lapsed() -> None:
+    run_dir = epath.Path(url("lease"))
+    with RunDirLease(run_dir, seconds=30):
+        with pytest.raises(RunDirError) as refused, RunDirLease(run_dir, seconds=30):
+            pass
+        assert re.fullmatch(
+            rf"run dir {run_dir} is in use by pid {os.getpid()} on \S+ since \S+ \(its lease "
+            r"runs \d+ s more unless renewed\): wait for that run to end, or pass another "
+            r"--run-dir",
+            str(refused.value),
+        )
+    assert not (run_dir / LEASE_FILE).exists()  # released on the way out
+    # a holder killed without releasing: its lease is taken over once it has lapsed
+    gone = {"pid": 1, "host": "gone", "since": "2026-01-01T00:00:00+00:00"}
+    (run_dir / LEASE_FILE).write_text(json.dumps(gone | {"expires": time.time() + 30}))
+    with pytest.raises(RunDirError, match="in use by pid 1 on gone since 2026-01-01"):
+        RunDirLease(run_dir, seconds=30).__enter__()
+    (run_dir / LEASE_FILE).write_text(json.dumps(gone | {"expires": time.time() - 1}))
+    with RunDirLease(run_dir, seconds=0.6) as lease:
+        assert json.loads((run_dir / LEASE_FILE).read_text())["pid"] == os.getpid()
+        # someone else takes it over: the holder finds out at its next renewal and stops
+        (run_dir / LEASE_FILE).write_text(json.dumps(gone | {"expires": time.time() + 30}))
+        time.sleep(0.8)
+        with pytest.raises(RunDirError, match=f"lost run dir {run_dir} to pid 1 on gone"):
+            lease.check()
+    assert json.loads((run_dir / LEASE_FILE).read_text())["host"] == "gone"  # left to its owner
+
+
+def losses(run_dir: str) -> dict[int, float]:
+    lines = (epath.Path(run_dir) / "steps.jsonl").read_text().splitlines()
+    return {entry["step"]: entry["loss"] for entry in map(json.loads, lines)}
+
+
+def final_params(run_dir: str) -> list[bytes]:
+    checkpoint = restore_params(f"{run_dir}/checkpoints")
+    assert checkpoint.step == 20
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(checkpoint.params)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted() -> str:
+    run_dir = url("straight")
+    assert trainer([*SMALL, "--run-dir", run_dir]) == 0
+    return run_dir
+
+
+def test_a_run_on_s3_killed_with_sigkill_resumes_bit_for_bit(uninterrupted: str) -> None:
+    run_dir = url("killed")
+    process = start_trainer(*SMALL, "--run-dir", run_dir, "--lease-seconds", "4")
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("step    13 |"):  # checkpoint 5 is committed, 10 may be in flight
+            break
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    killed_at = time.monotonic()
+    # the killed trainer's lease holds the run dir until it lapses: a restart is refused
+    refused = start_trainer(*SMALL, "--run-dir", run_dir, "--lease-seconds", "4")
+    _, error = refused.communicate(timeout=300)
+    if time.monotonic() - killed_at < 4:
+        assert refused.returncode == 2, error
+        assert (
+            error.strip()
+            .splitlines()[-1]
+            .startswith(f"trainer: error: run dir {run_dir} is in use by pid {process.pid} on ")
+        ), error
+    time.sleep(max(0.0, killed_at + 4.5 - time.monotonic()))
+    resumed = start_trainer(*SMALL, "--run-dir", run_dir, stderr=subprocess.STDOUT)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert re.search(r"resumed from step (5|10) in s3://", output), output
+    assert losses(run_dir) == losses(uninterrupted)  # exact floats, every step
+    assert final_params(run_dir) == final_params(uninterrupted)
+    assert (epath.Path(run_dir) / "data" / "index.json").exists()  # the run's held-out copy
+    assert not Path("s3:").exists()
+
+
+def test_the_exporter_reads_a_run_straight_from_s3(uninterrupted: str, tmp_path: Path) -> None:
+    out = tmp_path / "int8"
+    command = ["quantize", "--checkpoint", uninterrupted, "--out", str(out)]
+    assert exporter([*command, "--eval-tokens", "2048"]) == 0
+    artifact = json.loads((out / "artifact.json").read_text())
+    assert artifact["source"]["checkpoint"] == f"{uninterrupted}/checkpoints"
+    assert artifact["source"]["step"] == 20

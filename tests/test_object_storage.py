@@ -4,11 +4,14 @@ bit for bit, and an export straight from the bucket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -180,3 +183,91 @@ def test_the_exporter_reads_a_run_straight_from_s3(uninterrupted: str, tmp_path:
     artifact = json.loads((out / "artifact.json").read_text())
     assert artifact["source"]["checkpoint"] == f"{uninterrupted}/checkpoints"
     assert artifact["source"]["step"] == 20
+
+
+class Cuttable:
+    """A TCP forwarder to a loopback port: `cut` drops its connections and stops listening (the
+    storage is gone), `restore` listens on the same port again."""
+
+    def __init__(self, target: int) -> None:
+        self.target, self.port = target, 0
+        self.sockets: list[socket.socket] = []
+        self.listener = socket.socket()
+        self.restore()
+
+    def restore(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.listener.close()
+        for end in self.sockets:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+        self.sockets = []
+
+
+def test_a_bucket_gone_mid_run_is_one_line_and_the_run_resumes_once_it_is_back(
+    uninterrupted: str, s3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = url("gone")
+    proxy = Cuttable(int(s3.rsplit(":", 1)[1]))
+    with monkeypatch.context() as patch:  # the trainer reaches the bucket through the proxy
+        patch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+        patch.setenv("RTDLM_S3_RETRIES", "2")
+        process = start_trainer(*SMALL, "--run-dir", run_dir, "--lease-seconds", "3")
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("step     7 |"):
+            break
+    deadline = time.monotonic() + 120
+    while 5 not in committed_steps(f"{run_dir}/checkpoints"):  # read past the proxy
+        assert time.monotonic() < deadline, "checkpoint 5 never committed"
+        time.sleep(0.2)
+    proxy.cut()
+    _, error = process.communicate(timeout=600)
+    assert process.returncode == 1, error
+    last = error.strip().splitlines()[-1]
+    assert last.startswith(f"trainer: error: lost run dir {run_dir}: "), error
+    assert last.endswith("run the same command once the storage answers, to resume from the newest")
+    assert "Traceback" not in error, error
+    proxy.restore()
+    time.sleep(3.5)  # the lost trainer could not release its lease: it lapses
+    resumed = start_trainer(*SMALL, "--run-dir", run_dir, stderr=subprocess.STDOUT)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    resumed_from = re.search(r"resumed from step (5|10|15) in s3://", output)
+    assert resumed_from, output
+    # steps.jsonl holds what was flushed before the bucket went (at least every step the
+    # resume trained again): each line as the uninterrupted run's
+    found, straight = losses(run_dir), losses(uninterrupted)
+    assert set(range(int(resumed_from.group(1)) + 1, 21)) <= set(found)
+    assert all(found[step] == straight[step] for step in found)
+    assert final_params(run_dir) == final_params(uninterrupted)

@@ -104,7 +104,14 @@ def test_the_s3_driver_takes_the_endpoint_and_keys_from_the_standard_variables(
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
-    assert kvstore("s3://b/runs/a") == {"driver": "s3", "bucket": "b", "path": "runs/a"}
+    monkeypatch.delenv("RTDLM_S3_RETRIES", raising=False)
+    retries = {"max_retries": 6, "initial_delay": "1s", "max_delay": "10s"}
+    assert kvstore("s3://b/runs/a") == {
+        "driver": "s3",
+        "bucket": "b",
+        "path": "runs/a",
+        "s3_request_retries": retries,
+    }
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA")
@@ -112,6 +119,7 @@ def test_the_s3_driver_takes_the_endpoint_and_keys_from_the_standard_variables(
         "driver": "s3",
         "bucket": "b",
         "path": "runs/a",
+        "s3_request_retries": retries,
         "endpoint": "http://minio:9000",
         "aws_region": "eu-west-1",
         "aws_credentials": {"type": "environment"},
@@ -119,3 +127,5 @@ def test_the_s3_driver_takes_the_endpoint_and_keys_from_the_standard_variables(
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-only:9000")  # the service's own wins
     assert kvstore("s3://b/x")["endpoint"] == "http://s3-only:9000"
     assert kvstore("gs://b/runs/a") == {"driver": "gcs", "bucket": "b", "path": "runs/a"}
+    monkeypatch.setenv("RTDLM_S3_RETRIES", "2")
+    assert kvstore("s3://b/x")["s3_request_retries"]["max_retries"] == 2

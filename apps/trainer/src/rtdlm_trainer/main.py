@@ -43,6 +43,7 @@ from rtdlm.train import (
     resolve,
 )
 from rtdlm.train.distributed import DistributedError
+from rtdlm.train.rundir import RunDirUnreachableError
 from rtdlm.train.supervise import Job, supervise
 from rtdlm.train.tracking import MLflow, TensorBoard
 from rtdlm.train.trainer import describe
@@ -329,6 +330,9 @@ def train(args: argparse.Namespace, cluster: distributed.Cluster, run_log: loggi
     try:
         with logging_redirect_tqdm([run_log]):
             result = trainer.run(should_stop=lambda: signals.received is not None)
+    except RunDirUnreachableError as error:  # a fault, not bad input
+        print(f"trainer: error: {error}", file=sys.stderr)
+        return 1
     except BAD_INPUT as error:
         print(f"trainer: error: {error}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from rtdlm.ckpt.paths import (
     storage_path,
     upload,
 )
+from rtdlm.ckpt.quiet import unreachable as storage_unreachable
 from rtdlm.ckpt.retention import Retention, retained_steps
 
 __all__ = [
@@ -48,5 +49,6 @@ __all__ = [
     "retained_steps",
     "set_aside_steps",
     "storage_path",
+    "storage_unreachable",
     "upload",
 ]

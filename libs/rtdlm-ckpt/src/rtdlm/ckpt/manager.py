@@ -386,7 +386,13 @@ class CheckpointManager:
                 # Always orbax's async checkpointer: only it calls `_seal` before the commit
                 # rename.
                 enable_async_checkpointing=True,
-                async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
+                async_options=ocp.AsyncOptions(
+                    post_finalization_callback=self._seal,
+                    # On object storage a step's folders are made before save returns: made
+                    # in the background, one that fails (the bucket gone) leaves orbax's other
+                    # writers waiting minutes for it.
+                    create_directories_asynchronously=not paths.is_remote(self.directory),
+                ),
                 read_only=read_only,
                 create=not read_only,
                 temporary_path_class=commit,
@@ -537,7 +543,7 @@ class CheckpointManager:
         step_dir = self.directory / str(step)
         try:
             integrity.verify(step_dir, hashes=False)
-        except (integrity.IntegrityError, OSError):
+        except Exception:  # missing files; an unreachable bucket (botocore's own errors)
             return False
         return True
 
@@ -545,6 +551,13 @@ class CheckpointManager:
         """Removes `<step>.orbax-checkpoint-tmp`, and `<step>` if it has no valid manifest."""
         if jax.process_index() != 0:
             return True
+        try:
+            return self._remove_partial_here(step)
+        except Exception as error:  # an unreachable bucket: what is left is not committed
+            log.debug("could not remove the partial save of step %d: %s", step, _summary(error))
+            return False
+
+    def _remove_partial_here(self, step: int) -> bool:
         tmp = self.directory / f"{step}{_TMP_SUFFIX}"
         self._failed_tmp.add(tmp)
         removed = self._remove(tmp)
@@ -572,7 +585,7 @@ class CheckpointManager:
                 return True
             except FileNotFoundError:
                 return True
-            except OSError as error:
+            except Exception as error:  # OSError, or an object store's client error
                 problem = error
         log.debug("could not remove %s: %s", path, _summary(problem))
         return False

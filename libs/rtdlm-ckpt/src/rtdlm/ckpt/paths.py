@@ -11,7 +11,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import fsspec.config  # type: ignore[import-untyped]
 from etils import epath
+
+# s3fs and gcsfs keep every folder listing for the life of the process unless told otherwise;
+# tensorstore writes behind their backs, and other processes write too, so a cached listing
+# would miss committed steps
+for _protocol in ("s3", "gs", "gcs"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 SCHEMES = ("s3", "gs")  # object storage: epath (fsspec) for small files, tensorstore for arrays
@@ -83,7 +90,16 @@ def kvstore(url: str | os.PathLike[str]) -> dict[str, Any]:
         return {"driver": "gcs", "bucket": bucket, "path": prefix}
     if name != "s3":
         raise StoragePathError(f"{text} is not on s3:// or gs://")
-    spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": prefix}
+    # tensorstore's default retries go on for many minutes; a request that cannot reach the
+    # bucket for half a minute fails instead, and the run says so (RTDLM_S3_RETRIES: attempts)
+    attempts = int(os.environ.get("RTDLM_S3_RETRIES") or 6)
+    retries = {"max_retries": attempts, "initial_delay": "1s", "max_delay": "10s"}
+    spec: dict[str, Any] = {
+        "driver": "s3",
+        "bucket": bucket,
+        "path": prefix,
+        "s3_request_retries": retries,
+    }
     if endpoint := s3_endpoint():
         spec["endpoint"] = endpoint
     if region := os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):

@@ -16,9 +16,12 @@ only these: the filter below drops a record only if it comes from orbax.checkpoi
 source files, is an ERROR or worse, and is about a save that an rtdlm CheckpointManager has
 claimed (in flight, or failed and reported): it is logged while rtdlm itself waits on that
 save in the same thread, carries an exception already dropped once, names the save's step
-directory, or carries a disk-full OSError (ENOSPC, EDQUOT: a write that fails that way while an
-rtdlm save is claimed is that save's, and rtdlm reports it; such errors often carry no path).
-asyncio's records count only by naming the directory. Everything else orbax, absl, asyncio
+directory (on object storage, also by its key), or carries a disk-full OSError (ENOSPC, EDQUOT:
+a write that fails that way while an rtdlm save is claimed is that save's, and rtdlm reports
+it; such errors often carry no path) or, while a save to object storage is claimed, an
+unreachable bucket.
+asyncio's records count only by naming the directory, or by an unreachable bucket while a
+save to object storage is claimed. Everything else orbax, absl, asyncio
 or tensorstore logs passes untouched. The unraisable
 hook drops only that exact closed-loop RuntimeError, and only once an rtdlm save is in flight
 or has failed in this process; anything else goes to the previous hook.
@@ -60,6 +63,34 @@ def _disk_full(error: BaseException) -> bool:
     )
 
 
+# How a bucket that stopped answering shows in an error: botocore's and aiohttp's exceptions
+# (by name: neither is imported here) and tensorstore's curl messages.
+_UNREACHABLE = frozenset(
+    {
+        "EndpointConnectionError",
+        "ClientConnectorError",
+        "ClientConnectionResetError",
+        "ServerDisconnectedError",
+        "ConnectTimeoutError",
+    }
+)
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` (or one behind it) says the object store did not answer."""
+    return any(type(e).__name__ in _UNREACHABLE or "CURL error" in str(e) for e in chain(error))
+
+
+def _aliases(step_dir: str) -> list[str]:
+    """How errors name a step directory: locally its path; on object storage also its key
+    without the scheme and bucket (`prefix/checkpoints/5`), as tensorstore and botocore do."""
+    scheme, sep, rest = step_dir.partition("://")
+    if not sep or scheme not in ("s3", "gs"):
+        return [step_dir]
+    key = rest.partition("/")[2]
+    return [step_dir, key] if key else [step_dir]
+
+
 def _texts(error: BaseException) -> Iterator[str]:
     """The text of an error and of its causes, file names included (OSError may omit them)."""
     for current in chain(error):
@@ -85,7 +116,10 @@ class _Claims(logging.Filter):
     # -- bookkeeping, called by CheckpointManager --------------------------------------------
 
     def _rebuild(self) -> None:
-        paths = sorted(set(self._in_flight) | set(self._failed), key=len, reverse=True)
+        claimed = set(self._in_flight) | set(self._failed)
+        paths = sorted(
+            {alias for path in claimed for alias in _aliases(path)}, key=len, reverse=True
+        )
         # "<dir>/2" must not claim "<dir>/20": a step number ends where the digits end
         alternatives = "|".join(re.escape(path) + r"(?![0-9])" for path in paths)
         self._pattern = re.compile(alternatives) if paths else None
@@ -107,6 +141,9 @@ class _Claims(logging.Filter):
                 self._failed.append(step_dir)
             self._dropped.clear()
             self._rebuild()
+
+    def _remote_claimed(self) -> bool:
+        return any("://" in path for path in (*self._in_flight, *self._failed))
 
     def any_claimed(self) -> bool:
         return bool(self._in_flight or self._failed)
@@ -138,6 +175,11 @@ class _Claims(logging.Filter):
                 getattr(self._local, "waiting", False)
                 or (error is not None and id(error) in self._dropped)
                 or (error is not None and self._pattern is not None and _disk_full(error))
+                or (error is not None and self._remote_claimed() and unreachable(error))
+            )
+            # aiohttp's requests cut short when the bucket went, collected unread
+            claimed = claimed or (
+                from_asyncio and error is not None and self._remote_claimed() and unreachable(error)
             )
             if not claimed and self._pattern is not None:
                 texts = list(_texts(error)) if error is not None else []

@@ -156,7 +156,7 @@ class StepsFile(Callback):
         self._flushed = time.monotonic()
         try:
             self._remote.write_text("".join(self._lines))
-        except OSError as error:
+        except Exception as error:  # fsspec's and botocore's errors alike: lines, not the run
             if not self._failing:
                 logger.warning("cannot write %s (%s): will try again", self.path, error)
             self._failing = True

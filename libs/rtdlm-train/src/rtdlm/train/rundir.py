@@ -35,6 +35,10 @@ class RunDirError(Exception):
     """A run directory that cannot be used, with the reason and the fix."""
 
 
+class RunDirUnreachableError(RunDirError):
+    """The run dir's object store stopped answering mid-run: not bad input, a fault (exit 1)."""
+
+
 class RunDirLock:
     """Holds `<run_dir>/.lock` with flock(2) for the life of the run; the file names the holder
     (pid, host, since) for whoever is refused."""

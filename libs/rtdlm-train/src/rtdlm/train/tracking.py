@@ -77,7 +77,7 @@ class TensorBoard(Callback):
         self.writer.flush()
         try:
             ckpt.upload(Path(self.writer.logdir), self.upload_to)
-        except OSError as error:
+        except Exception as error:  # the bucket gone: the run goes on, the files stay local
             log.warning("cannot copy TensorBoard files to %s: %s", self.upload_to, error)
 
     def on_step(self, log: StepLog) -> None:

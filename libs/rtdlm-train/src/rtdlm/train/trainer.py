@@ -62,7 +62,12 @@ from rtdlm.train.loop import (
     make_train_step,
     state_from,
 )
-from rtdlm.train.rundir import RunDirError, RunDirLease, run_dir_guard
+from rtdlm.train.rundir import (
+    RunDirError,
+    RunDirLease,
+    RunDirUnreachableError,
+    run_dir_guard,
+)
 from rtdlm.train.sharding import (
     MESH_AXES,
     batch_sharding,
@@ -177,8 +182,22 @@ class Trainer:
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> RunResult:
         """Trains to train.max_steps, or until should_stop() says so after a step; then
         checkpoints. Bad input (ConfigError, DataError, RunDirError, CheckpointError) raises
-        before any file is written or changed; what goes wrong while training is in the result.
+        before any file is written or changed; what goes wrong while training is in the result,
+        except losing the object store a run dir is on (RunDirUnreachableError).
         """
+        try:
+            return self._run(should_stop)
+        except Exception as error:
+            if not (ckpt.is_remote(self.run_dir) and ckpt.storage_unreachable(error)):
+                raise
+            reason = " ".join(str(error).split())[:300] or type(error).__name__
+            raise RunDirUnreachableError(
+                f"lost run dir {self.run_dir}: {reason}; the checkpoints committed before stay "
+                "restorable: run the same command once the storage answers, to resume from "
+                "the newest"
+            ) from error
+
+    def _run(self, should_stop: Callable[[], bool]) -> RunResult:
         held_out = evaluation_batches(self.data, self.cfg)  # too little data: DataError now
         next(packed_batches(self.data.train, self.cfg.data.batch_size, self.cfg.model.seq_len, 0))
         mesh = make_mesh(self.cfg)  # a mesh that does not fit: ConfigError now

@@ -241,7 +241,9 @@ def test_a_bucket_gone_mid_run_is_one_line_and_the_run_resumes_once_it_is_back(
     proxy = Cuttable(int(s3.rsplit(":", 1)[1]))
     with monkeypatch.context() as patch:  # the trainer reaches the bucket through the proxy
         patch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
-        patch.setenv("RTDLM_S3_RETRIES", "2")
+        patch.setenv("RTDLM_S3_RETRIES", "2")  # tensorstore's, then botocore's retries
+        patch.setenv("AWS_MAX_ATTEMPTS", "2")
+        patch.setenv("AWS_RETRY_MODE", "standard")
         process = start_trainer(*SMALL, "--run-dir", run_dir, "--lease-seconds", "3")
     assert process.stdout is not None
     for line in process.stdout:

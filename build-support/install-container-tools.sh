@@ -60,7 +60,9 @@ fi
 socket="$state/podman.sock"
 if ! DOCKER_HOST="unix://$socket" docker version >/dev/null 2>&1; then
   rm -f "$socket"
-  nohup podman system service --time=0 "unix://$socket" >"$state/podman-service.log" 2>&1 &
+  # from /: the service outlives this shell, and a working directory removed later (a CI
+  # clone, a worktree) makes every container it starts fail ("write child: broken pipe")
+  (cd / && exec nohup podman system service --time=0 "unix://$socket") >"$state/podman-service.log" 2>&1 &
   for _ in $(seq 50); do
     DOCKER_HOST="unix://$socket" docker version >/dev/null 2>&1 && break
     sleep 0.2

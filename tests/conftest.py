@@ -1,9 +1,12 @@
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -79,6 +82,35 @@ def free_ports(count: int) -> list[int]:
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     return free_ports(1)[0]
+
+
+@contextlib.contextmanager
+def serving(
+    command: list[str],
+    ready: str | urllib.request.Request,
+    log: Path,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen]:
+    """A test server (moto, MLflow) for the `with` block: started with its output in `log`,
+    since a pipe nobody reads fills and stalls it, and ready once `ready` (a URL or request)
+    answers with success; terminated after."""
+    with log.open("w") as sink:
+        server = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(ready, timeout=2):  # nosec B310 # loopback
+                    break
+            except OSError:  # not listening yet, or an error status
+                assert server.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"{command[0]} did not start in {timeout} s"
+                time.sleep(0.2)
+        yield server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def start_trainer(*args: str, stderr: int = subprocess.PIPE) -> subprocess.Popen:

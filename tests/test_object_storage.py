@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SMALL_RUN, free_port, missing_tool, start_trainer
+from conftest import SMALL_RUN, free_port, missing_tool, serving, start_trainer
 from etils import epath
 
 from rtdlm.ckpt import CheckpointManager, Retention, committed_steps, restore_params
@@ -47,32 +47,19 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "RTDLM_REQUIRE_MOTO",
         )
     port, log = free_port(), tmp_path_factory.mktemp("moto") / "server.log"
-    with log.open("w") as sink:  # a line per request: a pipe nobody reads would fill and stall it
-        server = subprocess.Popen(
-            [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=sink, stderr=subprocess.STDOUT
-        )
-    endpoint, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-    while True:
-        try:  # moto takes unsigned requests: make the bucket
-            request = urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT")
-            with urllib.request.urlopen(request, timeout=2):  # nosec B310 # loopback
-                break
-        except OSError:
-            assert server.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "moto_server did not start in 60 s"
-            time.sleep(0.2)
+    endpoint = f"http://127.0.0.1:{port}"
+    make_bucket = urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT")  # moto: unsigned
     variables = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_REGION": "us-east-1",
     }
-    with pytest.MonkeyPatch.context() as patch:
+    command = [moto, "-H", "127.0.0.1", "-p", str(port)]
+    with serving(command, make_bucket, log, timeout=60), pytest.MonkeyPatch.context() as patch:
         for name, value in variables.items():
             patch.setenv(name, value)
         yield endpoint
-    server.terminate()
-    server.wait(timeout=30)
 
 
 def url(name: str) -> str:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_RUN, free_port, missing_tool
+from conftest import SMALL_RUN, free_port, missing_tool, serving
 
 from rtdlm_trainer.main import main as trainer
 
@@ -56,26 +54,11 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root, port = tmp_path_factory.mktemp("mlflow"), free_port()
     command = [mlflow, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
     command += ["--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1"]
-    server = subprocess.Popen(
-        [*command, "--port", str(port), "--workers", "1"],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job runner
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    uri, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:  # nosec B310
-                if response.status == 200:
-                    break
-        except OSError:
-            assert server.poll() is None, server.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
-            time.sleep(0.5)
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
+    command += ["--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner
+    uri = f"http://127.0.0.1:{port}"
+    with serving(command, f"{uri}/health", root / "server.log", env=env):
+        yield uri
 
 
 def test_mlflow_gets_params_metrics_artifacts_and_status_and_a_resume_continues_the_run(

@@ -24,6 +24,7 @@ from rtdlm.ckpt.paths import (
     storage_path,
     upload,
 )
+from rtdlm.ckpt.quiet import one_line
 from rtdlm.ckpt.quiet import unreachable as storage_unreachable
 from rtdlm.ckpt.retention import Retention, retained_steps
 
@@ -44,6 +45,7 @@ __all__ = [
     "is_remote",
     "kvstore",
     "local_path",
+    "one_line",
     "package_versions",
     "restore_params",
     "retained_steps",

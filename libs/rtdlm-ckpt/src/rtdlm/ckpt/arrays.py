@@ -32,6 +32,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from rtdlm.ckpt import paths
+
 PyTree = Any
 ALIGNMENT = 64  # bytes: what XLA:CPU needs to use host memory in place
 IN_FLIGHT = 96 * 2**30  # host bytes read at once where arrays then move to a device (orbax's)
@@ -240,12 +242,12 @@ def stored_values(item_dirs: Sequence[epath.Path]) -> list[dict[str, Value] | No
     bases = {
         i: ts.KvStore.open({"driver": "file", "path": f"{item_dir}/"}).result()
         for i, item_dir in enumerate(item_dirs)
-        if "://" not in str(item_dir) and (item_dir / "manifest.ocdbt").exists()
+        if not paths.is_remote(item_dir) and (item_dir / "manifest.ocdbt").exists()
     }
     manifests = {i: ts.ocdbt.dump(base) for i, base in bases.items()}
     values: dict[int, dict[str, Value]] = {}
     level: list[tuple[int, str, bytes]] = []  # item, node, the prefix of its keys
-    paths: dict[tuple[int, str], str] = {}  # the data files values lie in, named once
+    files: dict[tuple[int, str], str] = {}  # the data files values lie in, named once
     for i, manifest in manifests.items():
         versions = manifest.result()["versions"]
         if versions:
@@ -269,9 +271,9 @@ def stored_values(item_dirs: Sequence[epath.Path]) -> list[dict[str, Value] | No
                     where, offset, length = (
                         entry["indirect_value"].removeprefix("value:").rsplit(":", 2)
                     )
-                    if (i, where) not in paths:
-                        paths[i, where] = os.path.join(item_dirs[i], *where.split(":", 1))
-                    values[i][key.decode()] = (paths[i, where], int(offset), int(length))
+                    if (i, where) not in files:
+                        files[i, where] = os.path.join(item_dirs[i], *where.split(":", 1))
+                    values[i][key.decode()] = (files[i, where], int(offset), int(length))
     return [values.get(i) for i in range(len(item_dirs))]
 
 

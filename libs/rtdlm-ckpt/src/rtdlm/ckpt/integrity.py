@@ -22,6 +22,8 @@ from typing import Any
 import xxhash
 from etils import epath
 
+from rtdlm.ckpt import paths
+
 MANIFEST = "rtdlm_manifest.json"
 # Orbax rewrites its step metadata (commit timestamp) after the commit, so it cannot be hashed;
 # it is JSON that orbax validates when it reads it.
@@ -45,7 +47,7 @@ def _digest(path: epath.Path, kind: str) -> str:
     into a buffer that reading them would make. Remote ones are streamed."""
     new = _DIGESTS[kind][1]
     with path.open("rb") as f:
-        if "://" not in str(path) and os.fstat(f.fileno()).st_size:  # empty files cannot map
+        if not paths.is_remote(path) and os.fstat(f.fileno()).st_size:  # empty files cannot map
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 return new(mapped).hexdigest()
         return hashlib.file_digest(f, new).hexdigest()
@@ -64,7 +66,7 @@ def _size(path: epath.Path) -> int | None:
     """The file's size, None if it is missing; local files by one os.stat (epath's stat also
     looks up the owner's and group's names, which made up most of a small restore's check)."""
     try:
-        return path.stat().length if "://" in str(path) else os.stat(path).st_size
+        return path.stat().length if paths.is_remote(path) else os.stat(path).st_size
     except FileNotFoundError:
         return None
 
@@ -77,10 +79,10 @@ def _kind(name: str, expected: dict[str, Any]) -> str:
     raise IntegrityError(f"{MANIFEST} has no digest for {name}")
 
 
-def _digests(paths: list[epath.Path], kinds: list[str]) -> list[str]:
+def _digests(files: list[epath.Path], kinds: list[str]) -> list[str]:
     """Digests on one thread per core: both hashes release the GIL."""
-    with ThreadPoolExecutor(max(1, min(len(paths), os.cpu_count() or 1))) as pool:
-        return list(pool.map(_digest, paths, kinds))
+    with ThreadPoolExecutor(max(1, min(len(files), os.cpu_count() or 1))) as pool:
+        return list(pool.map(_digest, files, kinds))
 
 
 def _files(root: epath.Path, prefix: str = "") -> list[str]:

@@ -234,7 +234,7 @@ def _read_arrays(
                 step_dir / item, args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
             )
         except ValueError as error:  # orbax's word for a tree that does not fit
-            raise arrays.Mismatch(_summary(error)) from error
+            raise arrays.Mismatch(quiet.one_line(error)) from error
     return restored
 
 
@@ -287,7 +287,7 @@ def _check_readable(directory: epath.Path) -> None:
 def _check_writable(directory: epath.Path) -> None:
     """A local directory that refuses files (a read-only mount) is found now, not after the
     steps up to the first save were trained and lost."""
-    if "://" in str(directory):
+    if paths.is_remote(directory):
         return
     try:
         os.makedirs(directory, exist_ok=True)
@@ -299,12 +299,6 @@ def _check_writable(directory: epath.Path) -> None:
             f"cannot write checkpoints to {directory}: {error.strerror}: make it writable "
             "(is it mounted read-only?) or save them elsewhere"
         ) from None
-
-
-def _summary(error: BaseException, limit: int = 300) -> str:
-    """One line of an orbax/tensorstore error, which can run to pages of JSON spec."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # tensorstore reports an OS error inside a long message: `...: No space left on device
@@ -320,7 +314,7 @@ def _os_error(error: BaseException) -> tuple[str, int | None]:
         if match := _OS_ERROR_CODE.search(str(current)):
             code = int(match.group(1))
             return os.strerror(code), code
-    return _summary(error), None
+    return quiet.one_line(error), None
 
 
 def _size(count: int) -> str:
@@ -333,7 +327,7 @@ def _size(count: int) -> str:
 
 
 def _free_bytes(directory: epath.Path) -> int | None:
-    if "://" in str(directory):
+    if paths.is_remote(directory):
         return None
     try:
         return shutil.disk_usage(os.fspath(directory)).free
@@ -432,7 +426,7 @@ class CheckpointManager:
                 try:
                     self._manager.close()
                 except Exception as error:  # only a failure already reported can be left
-                    log.debug("orbax close after a reported failure: %s", _summary(error))
+                    log.debug("orbax close after a reported failure: %s", quiet.one_line(error))
             self._sweep()
 
     def wait(self) -> None:
@@ -461,7 +455,9 @@ class CheckpointManager:
                 self._manager.wait_until_finished()
         except Exception as error:
             if pending is None:  # orbax raises a failure again in each new thread that waits
-                log.debug("orbax re-raised a save failure already reported: %s", _summary(error))
+                log.debug(
+                    "orbax re-raised a save failure already reported: %s", quiet.one_line(error)
+                )
                 return
             self._pending = None
             if self._sealed(pending):  # it failed after the commit rename: nothing was lost
@@ -471,7 +467,7 @@ class CheckpointManager:
                 log.warning(
                     "checkpoint step %d is committed, but orbax reported after the commit: %s",
                     pending,
-                    _summary(error),
+                    quiet.one_line(error),
                 )
                 return
             raise self._save_failed(pending, error) from None
@@ -510,7 +506,7 @@ class CheckpointManager:
             self._manager.reload()  # orbax dropped steps it meant to delete after this save
             last_good = self._last_good()
         except Exception as reload_error:  # the message matters more than the last good step
-            log.debug("no last good step: %s", _summary(reload_error))
+            log.debug("no last good step: %s", quiet.one_line(reload_error))
             last_good = None
         reason, code = _os_error(error)
         return CheckpointSaveError(
@@ -554,7 +550,9 @@ class CheckpointManager:
         try:
             return self._remove_partial_here(step)
         except Exception as error:  # an unreachable bucket: what is left is not committed
-            log.debug("could not remove the partial save of step %d: %s", step, _summary(error))
+            log.debug(
+                "could not remove the partial save of step %d: %s", step, quiet.one_line(error)
+            )
             return False
 
     def _remove_partial_here(self, step: int) -> bool:
@@ -587,7 +585,7 @@ class CheckpointManager:
                 return True
             except Exception as error:  # OSError, or an object store's client error
                 problem = error
-        log.debug("could not remove %s: %s", path, _summary(problem))
+        log.debug("could not remove %s: %s", path, quiet.one_line(problem))
         return False
 
     def _sweep(self) -> None:
@@ -772,11 +770,11 @@ class CheckpointManager:
         except arrays.Mismatch as error:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not fit the requested state "
-                f"({_summary(error)}): it was saved for a different model or optimizer config"
+                f"({quiet.one_line(error)}): it was saved for a different model or optimizer config"
             ) from error
         except Exception as error:  # tensorstore reports unreadable data as plain exceptions
             raise CorruptCheckpointError(
-                f"checkpoint step {step} in {self.directory} is unreadable: {_summary(error)}"
+                f"checkpoint step {step} in {self.directory} is unreadable: {quiet.one_line(error)}"
             ) from error
 
     def _raise_if_altered(self, step: int, check: _Check | None) -> None:

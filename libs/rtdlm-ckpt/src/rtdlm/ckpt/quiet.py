@@ -43,6 +43,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from rtdlm.ckpt import paths
+
 _ORBAX_SOURCE = os.path.dirname(os.path.abspath(ocp.__file__)) + os.sep
 _REMEMBERED_FAILURES = 8  # failed saves whose late stragglers are still recognised
 
@@ -55,6 +57,13 @@ def chain(error: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An error as one line of at most `limit` characters: orbax's and tensorstore's can run to
+    pages of JSON spec, and a fault ends in one line."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -117,12 +126,12 @@ class _Claims(logging.Filter):
 
     def _rebuild(self) -> None:
         claimed = set(self._in_flight) | set(self._failed)
-        paths = sorted(
+        dirs = sorted(
             {alias for path in claimed for alias in _aliases(path)}, key=len, reverse=True
         )
         # "<dir>/2" must not claim "<dir>/20": a step number ends where the digits end
-        alternatives = "|".join(re.escape(path) + r"(?![0-9])" for path in paths)
-        self._pattern = re.compile(alternatives) if paths else None
+        alternatives = "|".join(re.escape(path) + r"(?![0-9])" for path in dirs)
+        self._pattern = re.compile(alternatives) if dirs else None
 
     def start(self, step_dir: str) -> None:
         with self._lock:
@@ -143,7 +152,7 @@ class _Claims(logging.Filter):
             self._rebuild()
 
     def _remote_claimed(self) -> bool:
-        return any("://" in path for path in (*self._in_flight, *self._failed))
+        return any(paths.is_remote(path) for path in (*self._in_flight, *self._failed))
 
     def any_claimed(self) -> bool:
         return bool(self._in_flight or self._failed)

@@ -67,10 +67,7 @@ class RunDirLock:
         except BlockingIOError:
             holder = _describe_holder(os.pread(fd, 4096, 0))
             os.close(fd)
-            raise RunDirError(
-                f"run dir {self.run_dir} is in use by {holder}: wait for that run to end, "
-                "or pass another --run-dir"
-            ) from None
+            raise _in_use(self.run_dir, holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_me()).encode(), 0)
         self._fd = fd
@@ -111,17 +108,18 @@ class RunDirLease:
             current = self._store.read(LEASE_FILE).result()
         except Exception as error:  # credentials, endpoint, bucket: tensorstore's one line
             raise RunDirError(
-                f"cannot reach run dir {self.run_dir}: {_first_line(error)}: check the bucket "
+                f"cannot reach run dir {self.run_dir}: {ckpt.one_line(error)}: check the bucket "
                 "and the credentials (AWS_* variables, AWS_ENDPOINT_URL, or Google's "
                 "application-default credentials)"
             ) from None
         if current.state == "value":
             holder = _holder(current.value)
             if holder.get("expires", 0) > time.time():
-                raise RunDirError(
-                    f"run dir {self.run_dir} is in use by {_describe_holder(current.value)} "
-                    f"(its lease runs {holder['expires'] - time.time():.0f} s more unless "
-                    "renewed): wait for that run to end, or pass another --run-dir"
+                left = holder["expires"] - time.time()
+                raise _in_use(
+                    self.run_dir,
+                    f"{_describe_holder(current.value)} (its lease runs {left:.0f} s more "
+                    "unless renewed)",
                 )
             log.warning(
                 "taking over run dir %s: the lease of %s went unrenewed for %.0f s",
@@ -131,10 +129,8 @@ class RunDirLease:
             )
         written = self._write(current.stamp.generation)
         if not written:  # another trainer wrote it between our read and our write
-            raise RunDirError(
-                f"run dir {self.run_dir} is in use by "
-                f"{_describe_holder(self._store.read(LEASE_FILE).result().value)}: wait for "
-                "that run to end, or pass another --run-dir"
+            raise _in_use(
+                self.run_dir, _describe_holder(self._store.read(LEASE_FILE).result().value)
             )
         self._renewer = threading.Thread(target=self._renew, name="rtdlm-lease", daemon=True)
         self._renewer.start()
@@ -208,8 +204,11 @@ def _holder(raw: bytes) -> dict[str, Any]:
     return holder if isinstance(holder, dict) else {}
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+def _in_use(run_dir: os.PathLike[str], holder: str) -> RunDirError:
+    return RunDirError(
+        f"run dir {run_dir} is in use by {holder}: wait for that run to end, or pass another "
+        "--run-dir"
+    )
 
 
 def _describe_holder(raw: bytes) -> str:

@@ -190,11 +190,10 @@ class Trainer:
         except Exception as error:
             if not (ckpt.is_remote(self.run_dir) and ckpt.storage_unreachable(error)):
                 raise
-            reason = " ".join(str(error).split())[:300] or type(error).__name__
             raise RunDirUnreachableError(
-                f"lost run dir {self.run_dir}: {reason}; the checkpoints committed before stay "
-                "restorable: run the same command once the storage answers, to resume from "
-                "the newest"
+                f"lost run dir {self.run_dir}: {ckpt.one_line(error)}; the checkpoints committed "
+                "before stay restorable: run the same command once the storage answers, to "
+                "resume from the newest"
             ) from error
 
     def _run(self, should_stop: Callable[[], bool]) -> RunResult:

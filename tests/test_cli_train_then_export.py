@@ -58,8 +58,10 @@ NOT_LOCAL = (
             "such as 0.0.0.0 or 127.0.0.1",
         ),
         (
-            ["--set", "data.path=gs://bucket/shards"],
-            f"data.path: gs://bucket/shards {NOT_LOCAL}",
+            ["--set", "data.path=hdfs://cluster/shards"],
+            "data.path: hdfs://cluster/shards is a URL, and hdfs:// storage is not supported: "
+            "nothing was read or written; pass a local or mounted folder, s3://bucket/prefix or "
+            "gs://bucket/prefix",
         ),
         (
             ["--set", "train.init_from=s3://models/llama"],

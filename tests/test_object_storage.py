@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -24,10 +24,12 @@ import pytest
 from conftest import SMALL_RUN, free_port, missing_tool, serving, start_trainer
 from etils import epath
 
-from rtdlm.ckpt import CheckpointManager, Retention, committed_steps, restore_params
+from rtdlm.ckpt import CheckpointManager, Retention, committed_steps, restore_params, upload
+from rtdlm.data.corpus import stdlib_documents
 from rtdlm.train.rundir import LEASE_FILE, RunDirError, RunDirLease
 from rtdlm_exporter.main import main as exporter
 from rtdlm_trainer.main import main as trainer
+from rtdlm_trainer.prepare_data import main as prepare_data
 
 pytestmark = pytest.mark.slow
 
@@ -260,3 +262,78 @@ def test_a_bucket_gone_mid_run_is_one_line_and_the_run_resumes_once_it_is_back(
     assert set(range(int(resumed_from.group(1)) + 1, 21)) <= set(found)
     assert all(found[step] == straight[step] for step in found)
     assert final_params(run_dir) == final_params(uninterrupted)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """prepare-data's shards of some of Python's documentation, several files a split, with a
+    trained BPE (a tokenizer file the trainer must fetch too), on disk and in the bucket."""
+    root = tmp_path_factory.mktemp("data")
+    for i, (_, text) in enumerate(stdlib_documents()[:60]):
+        (root / f"doc{i:02d}.txt").write_text(text)
+    shards = root / "shards"
+    args = [str(root / "*.txt"), "--output", str(shards), "--shard-tokens", "20000"]
+    assert prepare_data([*args, "--train-tokenizer", "bpe", "--vocab-size", "300"]) == 0
+    upload(shards, epath.Path(url("shards")))
+    return shards
+
+
+def test_data_in_a_bucket_trains_bit_for_bit_as_the_same_shards_on_disk(
+    shards: Path, tmp_path: Path
+) -> None:
+    runs = {"disk": tmp_path / "disk", "bucket": tmp_path / "bucket"}
+    args = SMALL
+    assert trainer([*args, "--run-dir", str(runs["disk"]), "--set", f"data.path={shards}"]) == 0
+    sets = ["--set", f"data.path={url('shards')}", "--set", "data.verify=true"]
+    assert trainer([*args, "--run-dir", str(runs["bucket"]), *sets]) == 0
+    assert losses(str(runs["bucket"])) == losses(str(runs["disk"]))
+    assert final_params(str(runs["bucket"])) == final_params(str(runs["disk"]))
+    # the run keeps the tokenizer it fetched, beside its held-out documents
+    kept = runs["bucket"] / "data" / "tokenizer.json"
+    assert kept.read_bytes() == (shards / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("damage", "sets", "message"),
+    [
+        (
+            lambda data: data[:-10],
+            [],
+            r"shard file s3://\S+/train-00000\.tokens\.npy is corrupt \([\d,]+ bytes where its "
+            r"header needs [\d,]+\): rerun prepare-data or restore the file",
+        ),
+        (  # same size: only the checksum tells, and only data.verify reads whole token files
+            lambda data: data[:-10] + bytes(b ^ 0xFF for b in data[-10:]),
+            ["--set", "data.verify=true"],
+            r"shard file s3://\S+/train-00000\.tokens\.npy is corrupt \(SHA-256 differs from "
+            r"index\.json\): rerun prepare-data or restore the file",
+        ),
+        (
+            None,
+            [],
+            r"no index\.json in s3://\S+: point data\.path at a directory written by "
+            r"prepare-data",
+        ),
+    ],
+)
+def test_bad_shards_in_a_bucket_are_one_line_before_anything_is_written(
+    shards: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: Callable[[bytes], bytes] | None,
+    sets: list[str],
+    message: str,
+) -> None:
+    copy = epath.Path(url(f"bad-shards/{tmp_path.name}"))
+    upload(shards, copy)
+    if damage is None:
+        (copy / "index.json").unlink()
+    else:
+        victim = copy / "train-00000.tokens.npy"
+        victim.write_bytes(damage(victim.read_bytes()))
+    run_dir = tmp_path / "run"
+    args = [*SMALL, "--run-dir", str(run_dir), "--set", f"data.path={copy}", *sets]
+    assert trainer(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(f"trainer: error: {message}", err), err
+    assert not run_dir.exists()

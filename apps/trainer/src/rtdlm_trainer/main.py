@@ -160,7 +160,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     cfg = resolve(args.preset, file_keys, args.sets, BYTE_VOCAB_SIZE)
     if cfg.data.path is None:
         return cfg
-    return resolve(args.preset, file_keys, args.sets, read_index(Path(cfg.data.path))["vocab_size"])
+    return resolve(args.preset, file_keys, args.sets, read_index(cfg.data.path)["vocab_size"])
 
 
 def job_cluster(args: argparse.Namespace, environ: Mapping[str, str]) -> distributed.Cluster:
@@ -284,7 +284,7 @@ def train(args: argparse.Namespace, cluster: distributed.Cluster, run_log: loggi
         if args.dry_run:
             print(describe(cfg))
             return 0
-        data, tokenizer = load_data(cfg.data.path)
+        data, tokenizer = load_data(cfg.data.path, cfg.data.verify)
         run_dir = args.run_dir or storage_path(
             Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         )

@@ -32,24 +32,30 @@ def identity_layout(corpus: Corpus) -> tuple[np.ndarray, np.ndarray]:
     return order, np.concatenate([[0], np.cumsum(corpus.lengths)]).astype(np.int64)
 
 
-def packed_row(
-    corpus: Corpus, layout: tuple[np.ndarray, np.ndarray], row: int, width: int
+def packed_rows(
+    corpus: Corpus, layout: tuple[np.ndarray, np.ndarray], rows: range, width: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Row `row` of the stream: tokens and 1-based segment ids, `width` long."""
+    """Rows `rows` of the stream: tokens and 1-based segment ids, [len(rows), width]. Every
+    document piece they hold is asked of the corpus at once, so a corpus in a bucket fetches
+    them together."""
     order, starts = layout
-    begin, end = row * width, (row + 1) * width
-    tokens = np.zeros(width, np.int32)
-    segments = np.zeros(width, np.int32)
-    i = int(np.searchsorted(starts, begin, side="right")) - 1
-    segment = 0
-    while i < len(order) and starts[i] < end:
-        lo, hi = max(begin, starts[i]), min(end, starts[i + 1])
-        if hi > lo:
-            segment += 1
-            doc = corpus.document(int(order[i]))
-            tokens[lo - begin : hi - begin] = doc[lo - starts[i] : hi - starts[i]]
-            segments[lo - begin : hi - begin] = segment
-        i += 1
+    tokens = np.zeros((len(rows), width), np.int32)
+    segments = np.zeros((len(rows), width), np.int32)
+    wanted, places = [], []
+    for r, row in enumerate(rows):
+        begin, end = row * width, (row + 1) * width
+        i = int(np.searchsorted(starts, begin, side="right")) - 1
+        segment = 0
+        while i < len(order) and starts[i] < end:
+            lo, hi = max(begin, int(starts[i])), min(end, int(starts[i + 1]))
+            if hi > lo:
+                segment += 1
+                wanted.append((int(order[i]), lo - int(starts[i]), hi - int(starts[i])))
+                places.append((r, lo - begin, hi - begin, segment))
+            i += 1
+    for (r, a, b, segment), piece in zip(places, corpus.pieces(wanted), strict=True):
+        tokens[r, a:b] = piece
+        segments[r, a:b] = segment
     return tokens, segments
 
 
@@ -82,13 +88,9 @@ def packed_batches(
             epoch, row = epoch + 1, 0
             layout = epoch_layout(corpus, seed, epoch)
         first = row + process_index * local
-        rows = [packed_row(corpus, layout, r, width) for r in range(first, first + local)]
+        tokens, segments = packed_rows(corpus, layout, range(first, first + local), width)
         row += batch_size
-        yield (
-            np.stack([t for t, _ in rows]),
-            np.stack([s for _, s in rows]),
-            {"epoch": epoch, "row": row},
-        )
+        yield tokens, segments, {"epoch": epoch, "row": row}
 
 
 def evaluation_rows(
@@ -102,14 +104,10 @@ def evaluation_rows(
             f"the validation split has {corpus.num_tokens:,} tokens, less than one batch of "
             f"{batch_size} x {width}: hold out more data or lower data.batch_size/model.seq_len"
         )
-    batches = []
-    for b in range(min(num_batches, available)):
-        rows = [
-            packed_row(corpus, layout, r, width)
-            for r in range(b * batch_size, (b + 1) * batch_size)
-        ]
-        batches.append((np.stack([t for t, _ in rows]), np.stack([s for _, s in rows])))
-    return batches
+    return [
+        packed_rows(corpus, layout, range(b * batch_size, (b + 1) * batch_size), width)
+        for b in range(min(num_batches, available))
+    ]
 
 
 class Prefetch:

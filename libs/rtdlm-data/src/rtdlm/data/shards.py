@@ -32,7 +32,7 @@ import mmap
 import os
 import threading
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,9 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 import numpy as np
+
+from rtdlm.data import remote
+from rtdlm.data.remote import RemoteArray
 
 FORMAT = "rtdlm-token-shards"
 SPLITS = ("train", "validation")
@@ -50,7 +53,7 @@ class DataError(ValueError):
     """Unusable data, named with the fix."""
 
 
-def _corrupt(path: Path, why: str = "SHA-256 differs from index.json") -> DataError:
+def _corrupt(path: object, why: str = "SHA-256 differs from index.json") -> DataError:
     return DataError(
         f"shard file {path} is corrupt ({why}): rerun prepare-data or restore the file"
     )
@@ -68,11 +71,15 @@ def sha256_file(path: Path) -> str:
 
 
 class ShardCheck:
-    """One shard's deferred SHA-256 check: hashed once, on first use, from any thread; a
-    failure sticks, so every later read of the shard fails the same way."""
+    """One shard's deferred SHA-256 check: hashed once, from any thread, on first use (`lazy`)
+    or when `run` (`verify`) asks; a failure sticks, so every later read of the shard fails the
+    same way. `files` are (name, a function returning the SHA-256, the one index.json holds)."""
 
-    def __init__(self, files: Sequence[tuple[Path, mmap.mmap, str]]) -> None:
+    def __init__(
+        self, files: Sequence[tuple[str, Callable[[], str], str]], lazy: bool = True
+    ) -> None:
         self._pending = tuple(files)
+        self._lazy = lazy
         self._error: str | None = None
         self._lock = threading.Lock()
 
@@ -81,11 +88,17 @@ class ShardCheck:
         return not self._pending
 
     def __call__(self) -> None:
+        if self._pending and self._lazy:
+            self.run()
+        if self._error is not None:
+            raise DataError(self._error)
+
+    def run(self) -> None:
         if self._pending:  # unlocked fast path once checked: the GIL orders these reads
             with self._lock:
-                for path, data, expected in self._pending:
-                    if _sha256(data) != expected:
-                        self._error = str(_corrupt(path))
+                for name, sha256, expected in self._pending:
+                    if sha256() != expected:
+                        self._error = str(_corrupt(name))
                         break
                 self._pending = ()
         if self._error is not None:
@@ -95,10 +108,11 @@ class ShardCheck:
 @dataclass(frozen=True)
 class Corpus:
     """Documents stored as shards of (tokens back to back, start offsets); tokens may be
-    memory-mapped, so a corpus larger than memory costs only its offsets. `checks`, when given,
-    holds each part's integrity check, run before the part's first document is returned."""
+    memory-mapped or in a bucket (RemoteArray), so a corpus larger than memory costs only its
+    offsets. `checks`, when given, holds each part's integrity check, run before the part's
+    first document is returned."""
 
-    parts: tuple[tuple[np.ndarray, np.ndarray], ...]
+    parts: tuple[tuple[np.ndarray | RemoteArray, np.ndarray], ...]
     checks: tuple[ShardCheck, ...] = ()
 
     @functools.cached_property
@@ -118,12 +132,33 @@ class Corpus:
         return sum(len(t) for t, _ in self.parts)
 
     def document(self, index: int) -> np.ndarray:
-        part = int(np.searchsorted(self._first_doc, index, side="right")) - 1
-        if self.checks:
-            self.checks[part]()
-        tokens, offsets = self.parts[part]
-        local = index - self._first_doc[part]
-        return tokens[offsets[local] : offsets[local + 1]]
+        return self.pieces([(index, 0, None)])[0]
+
+    def pieces(self, wanted: Sequence[tuple[int, int, int | None]]) -> list[np.ndarray]:
+        """Tokens [lo, hi) of each (document, lo, hi) (hi None: to its end); pieces in a bucket
+        are fetched together, in one concurrent batch."""
+        out: list[np.ndarray | None] = [None] * len(wanted)
+        fetch: list[tuple[int, RemoteArray, int, int]] = []
+        for n, (index, lo, hi) in enumerate(wanted):
+            part = int(np.searchsorted(self._first_doc, index, side="right")) - 1
+            if self.checks:
+                self.checks[part]()
+            tokens, offsets = self.parts[part]
+            local = index - self._first_doc[part]
+            start, end = int(offsets[local]), int(offsets[local + 1])
+            a, b = start + lo, end if hi is None else min(end, start + hi)
+            if isinstance(tokens, RemoteArray):
+                fetch.append((n, tokens, a, b))
+            else:
+                out[n] = tokens[a:b]
+        if fetch:
+            try:
+                got = remote.read_many([(tokens, a, b) for _, tokens, a, b in fetch])
+            except (OSError, ValueError) as error:
+                raise _unreadable(fetch[0][1].url, error) from None
+            for (n, *_), piece in zip(fetch, got, strict=True):
+                out[n] = piece
+        return out  # type: ignore[return-value]  # every slot was filled above
 
 
 def corpus_from_documents(documents: Iterable[np.ndarray], dtype: Any = np.int32) -> Corpus:
@@ -138,7 +173,7 @@ def verify(corpus: Corpus, threads: int = 4) -> None:
     first corrupt file in shard order."""
     pending = [check for check in corpus.checks if not check.done]
     with ThreadPoolExecutor(max(1, min(threads, len(pending)))) as pool:
-        for _ in pool.map(lambda check: check(), pending):
+        for _ in pool.map(ShardCheck.run, pending):
             pass
 
 
@@ -298,15 +333,35 @@ def write_shards(
     return write_index(directory, written, vocab_size, tokenizer)
 
 
-def read_index(directory: Path, splits: Sequence[str] = SPLITS) -> dict[str, Any]:
-    """index.json of a shard directory holding (at least) `splits`."""
-    path = directory / "index.json"
-    if not path.is_file():
-        raise DataError(
-            f"no index.json in {directory}: point data.path at a directory written by prepare-data"
-        )
+def _unreadable(url: str, error: BaseException) -> DataError:
+    reason = " ".join(str(error).split())[:300] or type(error).__name__
+    return DataError(
+        f"cannot read {url}: {reason}: check the bucket and the credentials (AWS_* variables, "
+        "AWS_ENDPOINT_URL, or Google's application-default credentials)"
+    )
+
+
+def read_index(directory: str | os.PathLike[str], splits: Sequence[str] = SPLITS) -> dict[str, Any]:
+    """index.json of a shard directory (a folder, or s3:// or gs:// prefix) holding (at least)
+    `splits`."""
+    missing_index = DataError(
+        f"no index.json in {directory}: point data.path at a directory written by prepare-data"
+    )
+    if remote.is_remote(directory):
+        path: object = f"{os.fspath(directory).rstrip('/')}/index.json"
+        try:
+            text = remote.read_bytes(str(path)).decode("utf-8", "replace")
+        except FileNotFoundError:
+            raise missing_index from None
+        except (OSError, ValueError) as error:
+            raise _unreadable(str(path), error) from None
+    else:
+        path = Path(directory) / "index.json"
+        if not path.is_file():
+            raise missing_index
+        text = path.read_text()
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(text)
     except ValueError as error:
         raise DataError(
             f"{path} is not valid JSON ({error}): rewrite it with prepare-data"
@@ -319,41 +374,100 @@ def read_index(directory: Path, splits: Sequence[str] = SPLITS) -> dict[str, Any
     return index
 
 
-def _map(path: Path) -> tuple[np.ndarray, mmap.mmap]:
-    """A .npy file's array and a read-only map of the whole file, from its header and size
-    alone: no data is read here."""
+def _header(f: BinaryIO, name: object, size: int) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, where the data starts) of a .npy file whose first bytes
+    `f` reads, checked against the file's `size`."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f".npy format version {version} is not supported")
+    except ValueError as error:
+        raise DataError(f"shard file {name} is unreadable ({error})") from None
+    if dtype.hasobject:
+        raise DataError(f"shard file {name} is unreadable (it holds Python objects)")
+    start = f.tell()
+    expected = start + int(np.prod(shape)) * dtype.itemsize
+    if size != expected:
+        raise _corrupt(name, f"{size:,} bytes where its header needs {expected:,}")
+    return shape, fortran_order, dtype, start
+
+
+def _map(path: Path) -> tuple[np.ndarray, Callable[[], str]]:
+    """A .npy file's array, mapped read-only, from its header and size alone (no data is read
+    here), and the SHA-256 of the mapped bytes, for its check."""
     if not path.is_file():
         raise DataError(f"shard file {path} is missing: rerun prepare-data")
     with path.open("rb") as f:
-        try:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f".npy format version {version} is not supported")
-        except ValueError as error:
-            raise DataError(f"shard file {path} is unreadable ({error})") from None
-        if dtype.hasobject:
-            raise DataError(f"shard file {path} is unreadable (it holds Python objects)")
-        start = f.tell()
-        length = int(np.prod(shape))
-        size, expected = os.fstat(f.fileno()).st_size, start + length * dtype.itemsize
-        if size != expected:
-            raise _corrupt(path, f"{size:,} bytes where its header needs {expected:,}")
+        shape, fortran_order, dtype, start = _header(f, path, os.fstat(f.fileno()).st_size)
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    array = np.frombuffer(data, dtype, count=length, offset=start)
-    return array.reshape(shape, order="F" if fortran_order else "C"), data
+    array = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=start)
+    return array.reshape(shape, order="F" if fortran_order else "C"), lambda: _sha256(data)
+
+
+# enough for any .npy header numpy writes for a 1-D array (they are 128 bytes)
+_HEADER_BYTES = 4096
+
+
+def _fetch(url: str, size: int | None, whole: bool) -> tuple[bytes, np.dtype, int, int]:
+    """A .npy file in a bucket: its bytes (all of them, or its header's), dtype, where its data
+    starts and its length."""
+    if size is None:
+        raise DataError(f"shard file {url} is missing: rerun prepare-data")
+    try:
+        data = remote.read_bytes(url, 0, size if whole else min(size, _HEADER_BYTES))
+    except (OSError, ValueError) as error:
+        raise _unreadable(url, error) from None
+    shape, _, dtype, start = _header(io.BytesIO(data), url, size)
+    if len(shape) != 1:
+        raise DataError(f"shard {url} disagrees with index.json: rerun prepare-data")
+    return data, dtype, start, shape[0]
+
+
+def _fetch_offsets(url: str, size: int | None) -> tuple[np.ndarray, Callable[[], str]]:
+    """Read whole: they are small, and every one is needed."""
+    data, dtype, start, length = _fetch(url, size, whole=True)
+    offsets = np.frombuffer(data, dtype, count=length, offset=start)
+    return offsets, lambda: hashlib.sha256(data).hexdigest()
+
+
+def _fetch_tokens(url: str, size: int | None) -> tuple[RemoteArray, Callable[[], str]]:
+    """From the header alone; the SHA-256 streams the file as stored."""
+    _, dtype, start, length = _fetch(url, size, whole=False)
+    return RemoteArray(url, dtype, start, length), lambda: _sha256_remote(url)
+
+
+def _sha256_remote(url: str) -> str:
+    try:
+        fs, key = remote.split(url)
+        with fs.open(key, "rb", block_size=8 << 20) as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except (OSError, ValueError) as error:
+        raise _unreadable(url, error) from None
 
 
 def open_split(
-    directory: Path, split: str, index: dict[str, Any] | None = None, verify: bool = False
+    directory: str | os.PathLike[str],
+    split: str,
+    index: dict[str, Any] | None = None,
+    verify: bool = False,
 ) -> Corpus:
     """The split's shards, memory-mapped; each is hashed before its first document is read
-    (all of them now with verify=True)."""
+    (all of them now with verify=True).
+
+    In a bucket (s3://, gs://), each shard's offsets are read and hashed now, its tokens are
+    read by range as batches need them, and their hashes are checked only with verify=True,
+    which reads every token file once: the store's own checksums guard them otherwise. Sizes
+    are checked against the headers and index.json either way."""
     index = index or read_index(directory)
-    parts, checks = [], []
+    in_bucket = remote.is_remote(directory)
+    root = os.fspath(directory).rstrip("/") if in_bucket else Path(directory)
+    listing = remote.sizes(str(root)) if in_bucket else {}
+    parts: list[tuple[np.ndarray | RemoteArray, np.ndarray]] = []
+    checks = []
     for number, shard in enumerate(index["splits"][split]):
         try:
             names = {kind: str(shard[kind]) for kind in KINDS}
@@ -361,17 +475,27 @@ def open_split(
             num_tokens, num_documents = int(shard["num_tokens"]), int(shard["num_documents"])
         except (KeyError, TypeError, ValueError):
             raise DataError(
-                f"{directory / 'index.json'}: {split} shard {number} is malformed: rerun "
-                "prepare-data"
+                f"{root}/index.json: {split} shard {number} is malformed: rerun " "prepare-data"
             ) from None
-        paths = {kind: directory / name for kind, name in names.items()}
-        (tokens, token_map), (offsets, offset_map) = (_map(paths[k]) for k in KINDS)
+        tokens: np.ndarray | RemoteArray
+        if isinstance(root, Path):
+            paths: dict[str, object] = {kind: root / name for kind, name in names.items()}
+            (tokens, token_hash), (offsets, offset_hash) = (_map(root / names[k]) for k in KINDS)
+        else:
+            paths = {kind: f"{root}/{name}" for kind, name in names.items()}
+            offsets, offset_hash = _fetch_offsets(
+                str(paths["offsets"]), listing.get(names["offsets"])
+            )
+            tokens, token_hash = _fetch_tokens(str(paths["tokens"]), listing.get(names["tokens"]))
         check = ShardCheck(
             [
-                (paths["tokens"], token_map, digests["tokens"]),
-                (paths["offsets"], offset_map, digests["offsets"]),
-            ]
+                (str(paths["tokens"]), token_hash, digests["tokens"]),
+                (str(paths["offsets"]), offset_hash, digests["offsets"]),
+            ],
+            lazy=not in_bucket,
         )
+        if in_bucket:  # the offsets are in memory already: check them before they are used
+            ShardCheck([(str(paths["offsets"]), offset_hash, digests["offsets"])]).run()
         consistent = (
             tokens.ndim == 1
             and tokens.dtype.kind in "iu"
@@ -390,7 +514,7 @@ def open_split(
                 and bool(np.all(np.diff(offsets) >= 0))
             )
         if not consistent:
-            check()  # a corrupt file explains the disagreement better, and names the file
+            check.run()  # a corrupt file explains the disagreement better, and names the file
             raise DataError(
                 f"shard {paths['tokens']} disagrees with index.json: rerun prepare-data"
             )

@@ -9,6 +9,8 @@ prompt starts with BOS; generation stops at EOS; decoding drops special tokens.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from rtdlm.data import remote
 from rtdlm.data.corpus import (
     BYTE_VOCAB_SIZE,
     Splits,
@@ -169,17 +172,45 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: Path) -> Tokenizer:
     return huggingface(out, (None, hf.token_to_id(END_OF_TEXT)))
 
 
-def from_index(index: dict[str, Any], directory: Path) -> Tokenizer:
+# this process's copies of tokenizer files read from a bucket, removed at its exit
+_DOWNLOADS: list[tempfile.TemporaryDirectory[str]] = []
+
+
+def _downloads() -> Path:
+    if not _DOWNLOADS:
+        _DOWNLOADS.append(tempfile.TemporaryDirectory(prefix="rtdlm-tokenizer-"))
+    return Path(_DOWNLOADS[0].name)
+
+
+def _tokenizer_file(directory: str | os.PathLike[str], name: str) -> Path:
+    """The tokenizer file `name` in `directory`; from a bucket, a local copy (the libraries
+    load files, and a run copies it into its own data/)."""
+    if not remote.is_remote(directory):
+        path = Path(directory) / name
+        if not path.is_file():
+            raise DataError(f"tokenizer file {path} is missing: rerun prepare-data")
+        return path
+    url = f"{os.fspath(directory).rstrip('/')}/{name}"
+    try:
+        data = remote.read_bytes(url)
+    except FileNotFoundError:
+        raise DataError(f"tokenizer file {url} is missing: rerun prepare-data") from None
+    except OSError as error:
+        raise DataError(f"cannot read {url}: {error}") from None
+    local = _downloads() / name
+    local.write_bytes(data)
+    return local
+
+
+def from_index(index: dict[str, Any], directory: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer a shard directory (or a run, or an artifact) records; its file lives in
-    `directory` and must be the one recorded."""
+    `directory` (a folder, or an s3:// or gs:// prefix) and must be the one recorded."""
     entry = index.get("tokenizer") or {}
     kind = entry.get("kind")
     if kind == "bytes":
         return BYTES
     if kind in ("sentencepiece", "huggingface"):
-        path = directory / str(entry.get("file"))
-        if not path.is_file():
-            raise DataError(f"tokenizer file {path} is missing: rerun prepare-data")
+        path = _tokenizer_file(directory, Path(str(entry.get("file"))).name)
         if kind == "sentencepiece":
             tokenizer = sentencepiece(path)
         else:
@@ -190,14 +221,20 @@ def from_index(index: dict[str, Any], directory: Path) -> Tokenizer:
     raise DataError(f"{directory} records an unknown tokenizer {entry!r}")
 
 
-def load_data(path: str | Path | None) -> tuple[Splits, Tokenizer]:
+def load_data(
+    path: str | os.PathLike[str] | None, verify: bool = False
+) -> tuple[Splits, Tokenizer]:
     """The train and validation splits to train on, and their tokenizer: a prepare-data shard
-    directory, or with no path the built-in corpus (Python's own documentation, bytes)."""
+    directory (a folder, or an s3:// or gs:// prefix; verify: hash every shard now), or with no
+    path the built-in corpus (Python's own documentation, bytes)."""
     if path is None:
         return split_documents(stdlib_documents()), BYTES
-    path = Path(path)
+    if not remote.is_remote(path):
+        path = Path(path)
     index = read_index(path)
-    splits = Splits(open_split(path, "train", index), open_split(path, "validation", index))
+    splits = Splits(
+        open_split(path, "train", index, verify), open_split(path, "validation", index, verify)
+    )
     return splits, from_index(index, path)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from rtdlm.ckpt import NotALocalPathError, local_path
+from rtdlm.ckpt import NotALocalPathError, StoragePathError, local_path, storage_path
 from rtdlm.model import PRESETS, ModelConfig, hf, preset
 
 
@@ -48,17 +48,24 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str | None = None  # shard directory written by prepare-data; None: built-in corpus
+    # shard directory written by prepare-data (a folder, s3://bucket/prefix or gs://...);
+    # None: the built-in corpus
+    path: str | None = None
     batch_size: int = 8  # sequences per optimizer step, across all processes
     micro_batches: int = 1  # gradient accumulation: batch_size splits into this many
     shuffle_seed: int = 0
     prefetch: int = 2  # batches packed ahead on a background thread
     eval_batches: int = 4
+    verify: bool = False  # hash every shard before training (in a bucket: reads them all)
 
     def __post_init__(self) -> None:
         _positive(self, "data", "batch_size", "micro_batches", "eval_batches")
         _non_negative(self, "data", "shuffle_seed", "prefetch")
-        _local("data", "path", self.path)
+        if isinstance(self.path, str):
+            try:
+                storage_path(self.path)
+            except StoragePathError as error:
+                raise ConfigError(f"data.path: {error}") from None
         if self.batch_size % self.micro_batches:
             raise ConfigError(
                 f"data.micro_batches ({self.micro_batches}) must divide data.batch_size "
@@ -394,6 +401,7 @@ RESUMABLE_CHANGES = (
     "train.profile_steps",
     "train.hf_export_every",
     "data.prefetch",
+    "data.verify",
     "metrics.",
     "mesh.",  # checkpoints reshard onto whatever mesh resumes them
 )

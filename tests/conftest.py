@@ -65,6 +65,12 @@ def hf_python() -> str:
 SMALL_RUN = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--sample-tokens", "0"]
 SMALL_RUN += ["--set", "model.num_layers=1", "--set", "model.d_model=64", "--peak-flops", "1e12"]
 
+# A run a test interrupts (kill, signal, storage cut) that resumes to the 20-step runs above:
+# their learning-rate schedule, but steps enough that it cannot finish before the interruption
+# lands, however late the test sees the line it waits for on a loaded machine (and few enough
+# that the trainer still prints every step).
+INTERRUPTED = ["--max-steps", "500", "--set", "optimizer.decay_steps=20"]
+
 
 def free_ports(count: int) -> list[int]:
     """`count` distinct TCP ports on 127.0.0.1 that nothing listens on right now (all held

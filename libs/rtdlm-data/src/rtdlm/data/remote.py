@@ -9,6 +9,7 @@ application-default credentials), as s3fs and gcsfs read them.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -19,6 +20,18 @@ import numpy as np
 
 SCHEMES = ("s3", "gs")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class _BucketTypeNoise(logging.Filter):
+    """gcsfs asks each bucket whether its namespace is hierarchical and, where the credentials
+    may not (anonymous reads of a public bucket), warns at every call before using the flat
+    API, which is the one shards need."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Could not determine bucket type" not in record.getMessage()
+
+
+logging.getLogger("gcsfs").addFilter(_BucketTypeNoise())
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:

@@ -371,3 +371,24 @@ def test_bad_shards_in_a_bucket_are_one_line_before_anything_is_written(
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(f"trainer: error: {message}", err), err
     assert not run_dir.exists()
+
+
+def test_shards_in_a_bucket_that_does_not_answer_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries: the line, not the wait
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    run_dir = tmp_path / "run"
+    args = [*SMALL, "--run-dir", str(run_dir), "--set", f"data.path={url('unreachable')}"]
+    assert trainer(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(
+        rf"trainer: error: cannot read {url('unreachable')}/index\.json: "
+        rf"EndpointConnectionError: Could not connect to the endpoint URL: \"{endpoint}/\S+\": "
+        r"check the bucket and the credentials \(AWS_\* variables, AWS_ENDPOINT_URL, or "
+        r"Google's application-default credentials\)",
+        err,
+    ), err
+    assert not run_dir.exists()

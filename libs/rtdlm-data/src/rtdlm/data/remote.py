@@ -9,10 +9,12 @@ application-default credentials), as s3fs and gcsfs read them.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import fsspec  # type: ignore[import-untyped]
@@ -46,17 +48,39 @@ def split(url: str) -> tuple[Any, str]:
     return fsspec.filesystem(protocol), key
 
 
+@contextlib.contextmanager
+def _as_os_error() -> Iterator[None]:
+    """botocore's and google-auth's own exceptions (no endpoint, no credentials) as OSError, so
+    callers handle one kind of storage failure; s3fs and gcsfs raise OSError for the rest."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as error:
+        raise OSError(f"{type(error).__name__}: {error}") from error
+
+
 def read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
     fs, key = split(url)
-    return bytes(fs.cat_file(key, start=start, end=end))
+    with _as_os_error():
+        return bytes(fs.cat_file(key, start=start, end=end))
+
+
+def sha256(url: str) -> str:
+    """The SHA-256 of a whole object, streamed in 8 MiB reads."""
+    fs, key = split(url)
+    with _as_os_error(), fs.open(key, "rb", block_size=8 << 20) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def sizes(directory: str) -> dict[str, int]:
     """Every file directly in `directory` and its size, from one listing."""
     fs, key = split(directory.rstrip("/"))
+    with _as_os_error():
+        listing = fs.ls(key, detail=True, refresh=True)
     return {
         entry["name"].rsplit("/", 1)[-1]: int(entry["size"])
-        for entry in fs.ls(key, detail=True, refresh=True)
+        for entry in listing
         if entry.get("type") == "file"
     }
 
@@ -97,13 +121,16 @@ def read_many(requests: Sequence[tuple[RemoteArray, int, int]]) -> list[np.ndarr
     for numbers in by_scheme.values():
         keys = [split(spans[n][0].url) for n in numbers]
         fs = keys[0][0]
-        got = fs.cat_ranges(
-            [key for _, key in keys], [spans[n][1] for n in numbers], [spans[n][2] for n in numbers]
-        )
-        for n, blob in zip(numbers, got, strict=True):
-            if isinstance(blob, BaseException):
-                raise blob
-            blobs[n] = blob
+        with _as_os_error():
+            got = fs.cat_ranges(
+                [key for _, key in keys],
+                [spans[n][1] for n in numbers],
+                [spans[n][2] for n in numbers],
+            )
+            for n, blob in zip(numbers, got, strict=True):
+                if isinstance(blob, BaseException):
+                    raise blob
+                blobs[n] = blob
     out = []
     for n, (array, a, b) in enumerate(spans):
         blob = blobs.get(n, b"")

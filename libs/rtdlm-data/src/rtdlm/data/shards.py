@@ -442,9 +442,7 @@ def _fetch_tokens(url: str, size: int | None) -> tuple[RemoteArray, Callable[[],
 
 def _sha256_remote(url: str) -> str:
     try:
-        fs, key = remote.split(url)
-        with fs.open(key, "rb", block_size=8 << 20) as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return remote.sha256(url)
     except (OSError, ValueError) as error:
         raise _unreadable(url, error) from None
 
@@ -465,7 +463,10 @@ def open_split(
     index = index or read_index(directory)
     in_bucket = remote.is_remote(directory)
     root = os.fspath(directory).rstrip("/") if in_bucket else Path(directory)
-    listing = remote.sizes(str(root)) if in_bucket else {}
+    try:
+        listing = remote.sizes(str(root)) if in_bucket else {}
+    except OSError as error:
+        raise _unreadable(str(root), error) from None
     parts: list[tuple[np.ndarray | RemoteArray, np.ndarray]] = []
     checks = []
     for number, shard in enumerate(index["splits"][split]):

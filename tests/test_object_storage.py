@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import fsspec  # type: ignore[import-untyped]
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -382,7 +383,12 @@ def test_shards_in_a_bucket_that_does_not_answer_are_one_line(
     monkeypatch.setenv("AWS_RETRY_MODE", "standard")
     run_dir = tmp_path / "run"
     args = [*SMALL, "--run-dir", str(run_dir), "--set", f"data.path={url('unreachable')}"]
-    assert trainer(args) == 2
+    s3fs = fsspec.get_filesystem_class("s3")
+    s3fs.clear_instance_cache()  # fsspec keeps the filesystem, with its endpoint, per process
+    try:
+        assert trainer(args) == 2
+    finally:
+        s3fs.clear_instance_cache()
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(
         rf"trainer: error: cannot read {url('unreachable')}/index\.json: "

@@ -10,9 +10,11 @@ every checkpoint, and enough to regenerate exactly the next batch.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -71,8 +73,14 @@ def packed_batches(
     position: dict[str, Any] | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    fetch_ahead: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, int]]]:
-    """Endless (tokens, segment_ids, position after this batch), [B / P, T + 1] each."""
+    """Endless (tokens, segment_ids, position after this batch), [B / P, T + 1] each.
+
+    With a corpus in a bucket, `fetch_ahead` batches after the one returned are fetched at
+    the same time, on threads of their own, so a round trip longer than a step costs no more
+    than its share; batches come out in order all the same. On a local disk a batch is memory
+    copies, and threads would only add overhead."""
     if batch_size % process_count:
         raise DataError(f"data.batch_size {batch_size} must divide over {process_count} processes")
     width, local = seq_len + 1, batch_size // process_count
@@ -83,14 +91,31 @@ def packed_batches(
             f"the training split has {corpus.num_tokens:,} tokens, less than one batch of "
             f"{batch_size} x {width}: use more data or a smaller data.batch_size/model.seq_len"
         )
-    while True:
-        if row + batch_size > rows_per_epoch(layout, width):  # the epoch's tail is dropped
-            epoch, row = epoch + 1, 0
-            layout = epoch_layout(corpus, seed, epoch)
-        first = row + process_index * local
-        tokens, segments = packed_rows(corpus, layout, range(first, first + local), width)
-        row += batch_size
-        yield tokens, segments, {"epoch": epoch, "row": row}
+
+    def plans() -> Iterator[tuple[tuple[np.ndarray, np.ndarray], range, dict[str, int]]]:
+        nonlocal epoch, row, layout
+        while True:
+            if row + batch_size > rows_per_epoch(layout, width):  # the epoch's tail is dropped
+                epoch, row = epoch + 1, 0
+                layout = epoch_layout(corpus, seed, epoch)
+            first = row + process_index * local
+            row += batch_size
+            yield layout, range(first, first + local), {"epoch": epoch, "row": row}
+
+    if fetch_ahead <= 0 or not corpus.in_bucket:
+        for rows_layout, rows, after in plans():
+            yield (*packed_rows(corpus, rows_layout, rows, width), after)
+        return
+    pool = ThreadPoolExecutor(fetch_ahead + 1, thread_name_prefix="rtdlm-fetch")
+    try:
+        pending: collections.deque[tuple[Future, dict[str, int]]] = collections.deque()
+        for rows_layout, rows, after in plans():
+            pending.append((pool.submit(packed_rows, corpus, rows_layout, rows, width), after))
+            if len(pending) > fetch_ahead:
+                batch, done = pending.popleft()
+                yield (*batch.result(), done)
+    finally:  # closed: the fetches ahead are not needed, and must not hold up the exit
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def evaluation_rows(
@@ -122,6 +147,14 @@ class Prefetch:
         self._thread.start()
 
     def _fill(self, source: Iterator[Any]) -> None:
+        try:
+            self._pump(source)
+        finally:  # whatever `source` holds (threads, connections) goes with this thread
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    def _pump(self, source: Iterator[Any]) -> None:
         try:
             for item in source:
                 while not self._stop.is_set():

@@ -128,6 +128,10 @@ class Corpus:
         return int(self._first_doc[-1])
 
     @property
+    def in_bucket(self) -> bool:
+        return any(isinstance(tokens, RemoteArray) for tokens, _ in self.parts)
+
+    @property
     def num_tokens(self) -> int:
         return sum(len(t) for t, _ in self.parts)
 

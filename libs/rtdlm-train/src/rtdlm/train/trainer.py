@@ -571,6 +571,7 @@ class _Run:
             position,
             jax.process_index(),
             jax.process_count(),
+            fetch_ahead=cfg.data.prefetch,
         )
         placed = ((global_batch(self.mesh, t, s), p) for t, s, p in rows)
         return Prefetch(placed, cfg.data.prefetch)

@@ -28,6 +28,19 @@ def missing_tool(message: str, required_by: str) -> NoReturn:
     pytest.skip(message)
 
 
+def venv_tool(variable: str, what: str, script: str, required_by: str) -> str:
+    """The command a build-support venv script made, as `variable` names it (CI exports it),
+    else `missing_tool`."""
+    command = os.environ.get(variable)
+    if command:
+        return command
+    missing_tool(
+        f"{variable} names no {what}, so this test cannot run: build-support/{script} makes "
+        "one and prints its path",
+        required_by,
+    )
+
+
 @pytest.fixture
 def tool() -> Callable[[str], str]:
     """Path of a Debian monitoring binary (build-support/install-monitoring-tools.sh)."""
@@ -48,13 +61,8 @@ def tool() -> Callable[[str], str]:
 @pytest.fixture(scope="session")
 def hf_python() -> str:
     """A Python with transformers and torch (build-support/hf-venv.sh): $RTDLM_HF_PYTHON."""
-    python = os.environ.get("RTDLM_HF_PYTHON")
-    if python:
-        return python
-    missing_tool(
-        "RTDLM_HF_PYTHON names no Python with transformers, so this interop test cannot run: "
-        "build-support/hf-venv.sh makes one and prints its path",
-        "RTDLM_REQUIRE_HF",
+    return venv_tool(
+        "RTDLM_HF_PYTHON", "Python with transformers", "hf-venv.sh", "RTDLM_REQUIRE_HF"
     )
 
 

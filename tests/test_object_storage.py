@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import INTERRUPTED, SMALL_RUN, free_port, missing_tool, serving, start_trainer
+from conftest import INTERRUPTED, SMALL_RUN, free_port, serving, start_trainer, venv_tool
 from etils import epath
 
 from rtdlm.ckpt import CheckpointManager, Retention, committed_steps, restore_params, upload
@@ -42,13 +42,7 @@ SMALL += ["--no-metrics"]
 @pytest.fixture(scope="module", autouse=True)
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's S3 server with one bucket; the standard AWS variables point everything at it."""
-    moto = os.environ.get("RTDLM_MOTO")
-    if not moto:
-        missing_tool(
-            "RTDLM_MOTO names no moto_server command, so the S3 tests cannot run: "
-            "build-support/moto-venv.sh makes one and prints its path",
-            "RTDLM_REQUIRE_MOTO",
-        )
+    moto = venv_tool("RTDLM_MOTO", "moto_server command", "moto-venv.sh", "RTDLM_REQUIRE_MOTO")
     port, log = free_port(), tmp_path_factory.mktemp("moto") / "server.log"
     endpoint = f"http://127.0.0.1:{port}"
     make_bucket = urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT")  # moto: unsigned
@@ -302,13 +296,7 @@ def test_data_in_a_bucket_trains_bit_for_bit_as_the_same_shards_on_disk(
 def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A GCS emulator (build-support/gcs-venv.sh) with one bucket; STORAGE_EMULATOR_HOST, which
     gcsfs reads, points at it."""
-    emulator = os.environ.get("RTDLM_GCS")
-    if not emulator:
-        missing_tool(
-            "RTDLM_GCS names no gcp-storage-emulator command, so the GCS test cannot run: "
-            "build-support/gcs-venv.sh makes one and prints its path",
-            "RTDLM_REQUIRE_GCS",
-        )
+    emulator = venv_tool("RTDLM_GCS", "GCS emulator", "gcs-venv.sh", "RTDLM_REQUIRE_GCS")
     port, log = free_port(), tmp_path_factory.mktemp("gcs") / "server.log"
     endpoint = f"http://127.0.0.1:{port}"
     command = [emulator, "start", "-H", "127.0.0.1", "--port", str(port), "--in-memory"]

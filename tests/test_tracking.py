@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_RUN, free_port, missing_tool, serving
+from conftest import SMALL_RUN, free_port, serving, venv_tool
 
 from rtdlm_trainer.main import main as trainer
 
@@ -44,13 +44,7 @@ def test_tensorboard_holds_every_step_evaluation_and_the_config(tmp_path: Path) 
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` with a SQLite store and served artifacts, on a loopback port."""
-    mlflow = os.environ.get("RTDLM_MLFLOW")
-    if not mlflow:
-        missing_tool(
-            "RTDLM_MLFLOW names no mlflow server command, so the MLflow test cannot run: "
-            "build-support/mlflow-venv.sh makes one and prints its path",
-            "RTDLM_REQUIRE_MLFLOW",
-        )
+    mlflow = venv_tool("RTDLM_MLFLOW", "mlflow command", "mlflow-venv.sh", "RTDLM_REQUIRE_MLFLOW")
     root, port = tmp_path_factory.mktemp("mlflow"), free_port()
     command = [mlflow, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
     command += ["--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1"]

@@ -3,14 +3,15 @@
 Run: ./pants run benchmarks -- [--out results.json] [--presets tiny small] [--steps 5]
 
 Sections: matmul ceilings (float32, bf16 in / float32 out, bf16 in / bf16 out); training steps
-of each preset in float32 and bfloat16 (tokens/s, MFU, step p50/p95, compile time) with the
-variants alternated step by step and the trainer's MFU peak (rtdlm.metrics.measure_peak: the
-best probe of several sizes and forms) measured beside every step; a second process
-compiling the same step against the first one's persistent compilation cache; the data
-pipeline's batches/s over what training consumes; async checkpoint blocking as a fraction of
-a step; verified checkpoint restore throughput over a raw read of the same bytes, from the
-disk and from the page cache; decode tokens/s with the KV cache. Machine speed drifts by up to
-1.6x between runs, so compare ratios taken within one run, not absolute numbers across runs.
+of each preset in float32 and bfloat16 (tokens/s, step p50/p95, compile time), alternated
+step by step with a PyTorch eager reference of the same model at matched precision and with
+the step's own matrix products timed alone (its ceiling on this CPU; MFU is against it); a
+second process compiling the same step against the first one's persistent compilation cache;
+the data pipeline's batches/s over what training consumes; async checkpoint blocking as a
+fraction of a step; verified checkpoint restore throughput over a raw read of the same bytes,
+from the disk and from the page cache; decode tokens/s with the KV cache. Machine speed
+drifts by up to 1.6x between runs, so compare ratios taken within one run, not absolute
+numbers across runs.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ import orbax.checkpoint as ocp
 from rtdlm.ckpt import CheckpointManager
 from rtdlm.data.corpus import split_documents, stdlib_documents
 from rtdlm.data.pipeline import Prefetch, packed_batches
-from rtdlm.metrics import best_seconds, measure_matmul_flops, measure_peak, utilization
-from rtdlm.model import build, build_with_stats, flops_per_token, generate
+from rtdlm.metrics import best_seconds, measure_matmul_flops
+from rtdlm.model import build, build_with_stats, generate
 from rtdlm.train import Batch, host, resolve
 from rtdlm.train.config import RunConfig, for_first_start
 from rtdlm.train.loop import TrainState, init_state, make_optimizer, make_train_step
 from rtdlm.train.trainer import use_compile_cache
+from rtdlm_benchmarks.versus import race
 
 BATCH = {"tiny": (16, 256), "small": (4, 1024), "medium": (1, 2048), "large": (1, 2048)}
 DTYPES = ("float32", "bfloat16")
@@ -84,54 +86,22 @@ def compile_step(cfg: RunConfig) -> tuple[Any, TrainState, float]:
     return step, state, time.perf_counter() - start
 
 
-def training(presets: list[str], dtypes: list[str], steps: int) -> list[dict[str, Any]]:
-    """Every (preset, dtype) compiled, then their steps alternated round-robin, each followed
-    by the trainer's peak for its compute dtype, measured there: MFU is the trainer's, so
-    float32 rows are against float32 dots and bf16 rows against the best of both forms."""
-    runs: list[dict[str, Any]] = []
+def training(
+    presets: list[str], dtypes: list[str], steps: int, torch_python: str | None
+) -> list[dict[str, Any]]:
+    """Every (preset, dtype) compiled, then their steps alternated round-robin, each beside a
+    PyTorch step of the same shapes and a pass over its own dots alone (rtdlm_benchmarks.versus)."""
+    runs = []
     for preset, dtype in itertools.product(presets, dtypes):
         cfg = run_config(preset, dtype, steps)
         step, state, compile_s = compile_step(cfg)
         runs.append(
-            {
-                "cfg": cfg,
-                "step": step,
-                "state": state,
-                "compile s": compile_s,
-                "batches": batches(cfg, steps),
-                "seconds": [],
-                "mfu": [],
-            }
+            {"cfg": cfg, "step": step, "state": state, "batches": batches(cfg, steps)}
+            | {"compile s": compile_s}
         )
-    for i in range(steps):
-        for run in runs:
-            start = time.perf_counter()
-            run["state"], metrics = run["step"](run["state"], run["batches"][i])
-            jax.block_until_ready(metrics.loss)
-            seconds = time.perf_counter() - start
-            cfg = run["cfg"]
-            tokens = cfg.data.batch_size * cfg.model.seq_len
-            run["seconds"].append(seconds)
-            peak = measure_peak(cfg.model.compute_dtype, repeats=2)
-            run["mfu"].append(utilization(flops_per_token(cfg.model) * tokens, seconds, peak)[0])
-    rows = []
-    for run in runs:
-        cfg, times = run["cfg"], sorted(run["seconds"])
-        tokens = cfg.data.batch_size * cfg.model.seq_len
-        p50 = statistics.median(times)
-        rows.append(
-            {
-                "preset": cfg.preset,
-                "dtype": cfg.model.compute_dtype,
-                "batch": f"{cfg.data.batch_size} x {cfg.model.seq_len}",
-                "tokens/s": tokens / p50,
-                "MFU": statistics.median(run["mfu"]),
-                "step p50 s": p50,
-                "step p95 s": float(np.percentile(times, 95)),
-                "compile s": run["compile s"],
-            }
-        )
-        del run["state"]
+    rows = race(runs, steps, torch_python)
+    for row, run in zip(rows, runs, strict=True):
+        row["compile s"] = run["compile s"]
     return rows
 
 
@@ -349,14 +319,23 @@ def main() -> None:
         help="presets whose compile times and cache restart are measured (default: --presets "
         "and medium)",
     )
+    parser.add_argument(
+        "--torch-python",
+        default=os.environ.get("RTDLM_HF_PYTHON"),
+        help="a Python with torch for the PyTorch reference (default $RTDLM_HF_PYTHON; "
+        "build-support/hf-venv.sh makes one); without it the comparison is left out",
+    )
     args = parser.parse_args()
     host.restart_with_tunables()  # as the trainer does: step buffers reused, in huge pages
     results: dict[str, Any] = {"machine": machine()}
     print(table("machine", [results["machine"]]), flush=True)
     results["matmul GFLOP/s"] = matmul_ceilings(args.rounds)
     print(table("\nmatmul ceilings, GFLOP/s (2048 x 2048)", [results["matmul GFLOP/s"]]))
-    results["training"] = training(args.presets, args.dtypes, args.steps)
-    title = "\ntraining (alternated; MFU against the trainer's peak, measured beside each step)"
+    results["training"] = training(args.presets, args.dtypes, args.steps, args.torch_python)
+    title = (
+        "\ntraining against PyTorch at matched precision and against the step's own dots alone"
+        " (alternated step by step; MFU against those dots' FLOP/s)"
+    )
     print(table(title, results["training"]))
     step_s = {r["preset"]: r["step p50 s"] for r in results["training"] if r["dtype"] == "float32"}
     step_s = step_s or {r["preset"]: r["step p50 s"] for r in results["training"]}

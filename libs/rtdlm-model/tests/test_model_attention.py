@@ -2,6 +2,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import haiku as hk
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtdlm.model import ModelConfig, build
-from rtdlm.model.attention import blocked_causal_attention
+from rtdlm.model.attention import blocked_causal_attention, default_block
 from rtdlm.model.linear import dot
 
 SMALL = ModelConfig(
@@ -250,3 +251,17 @@ def test_gradient_dots_stay_on_the_fast_cpu_kernels(dtype: str) -> None:
         assert hlo.count(" dot(") == 3  # forward, dx, dw
         assert "lhs_contracting_dims={0}" not in hlo
         assert compiled_dot_operand_dtypes(hlo) == {"f32" if dtype == "float32" else "bf16"}
+
+
+def test_an_unset_block_is_the_machines_and_computes_as_that_block_does() -> None:
+    has_amx = " amx_bf16" in Path("/proc/cpuinfo").read_text()
+    assert default_block() == (128 if has_amx else 64)
+    cfg = dataclasses.replace(SMALL, seq_len=160)  # longer than either block
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, cfg.seq_len))
+    unset, fixed = build(cfg), build(dataclasses.replace(cfg, attention_block=default_block()))
+    params = unset.init(jax.random.PRNGKey(0), tokens)
+    np.testing.assert_array_equal(
+        unset.apply(params, None, tokens), fixed.apply(params, None, tokens)
+    )
+    with pytest.raises(ValueError, match="model.attention_block must be positive"):
+        dataclasses.replace(cfg, attention_block=0)

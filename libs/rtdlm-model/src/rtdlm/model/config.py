@@ -29,7 +29,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     compute_dtype: str = "float32"  # parameters always stay float32; logits and loss too
     attention: str = "blocked"
-    attention_block: int = 128  # query rows per block of blocked attention
+    # query rows per block of blocked attention; None: the machine's (attention.default_block)
+    attention_block: int | None = None
     remat: str = "none"
     norm_eps: float = 1e-6
     moe_every: int = 0  # every N-th block's MLP is a mixture of experts; 0: none
@@ -40,10 +41,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         sizes = ("d_model", "num_layers", "num_heads", "num_kv_heads", "seq_len", "vocab_size")
-        positive = ("rope_base", "norm_eps", "num_experts", "experts_per_token", "attention_block")
+        positive = ("rope_base", "norm_eps", "num_experts", "experts_per_token")
         for name in (*sizes, *positive):
             if not getattr(self, name) > 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.attention_block is not None and not self.attention_block > 0:
+            raise ValueError(
+                f"model.attention_block must be positive (or null: the machine's), got "
+                f"{self.attention_block}"
+            )
         if self.d_ff is not None and self.d_ff <= 0:
             raise ValueError(f"model.d_ff must be positive, got {self.d_ff}")
         if self.moe_every < 0 or not self.capacity_factor > 0:

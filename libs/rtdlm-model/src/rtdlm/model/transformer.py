@@ -20,7 +20,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from rtdlm.model.attention import attention_mask, blocked_causal_attention
+from rtdlm.model.attention import attention_mask, blocked_causal_attention, default_block
 from rtdlm.model.config import ModelConfig
 from rtdlm.model.linear import Embedding, linear, linears, swiglu
 from rtdlm.model.moe import MoEStats, moe_mlp
@@ -181,7 +181,8 @@ def causal_self_attention(
     mask, segment_ids = ctx.mask, ctx.segment_ids
     if mask is None and cfg.attention == "blocked":
         segments = jnp.zeros((batch, time), jnp.int32) if segment_ids is None else segment_ids
-        y = blocked_causal_attention(q, k, v, segments, cfg.attention_block)
+        block = cfg.attention_block or default_block()
+        y = blocked_causal_attention(q, k, v, segments, block)
     else:
         if mask is None and segment_ids is not None:
             mask = attention_mask(segment_ids)

@@ -158,7 +158,7 @@ class Corpus:
         if fetch:
             try:
                 got = remote.read_many([(tokens, a, b) for _, tokens, a, b in fetch])
-            except (OSError, ValueError) as error:
+            except OSError as error:  # remote.read_many's one kind of failure
                 raise _unreadable(fetch[0][1].url, error) from None
             for (n, *_), piece in zip(fetch, got, strict=True):
                 out[n] = piece
@@ -492,15 +492,14 @@ def open_split(
                 str(paths["offsets"]), listing.get(names["offsets"])
             )
             tokens, token_hash = _fetch_tokens(str(paths["tokens"]), listing.get(names["tokens"]))
-        check = ShardCheck(
-            [
-                (str(paths["tokens"]), token_hash, digests["tokens"]),
-                (str(paths["offsets"]), offset_hash, digests["offsets"]),
-            ],
-            lazy=not in_bucket,
-        )
-        if in_bucket:  # the offsets are in memory already: check them before they are used
-            ShardCheck([(str(paths["offsets"]), offset_hash, digests["offsets"])]).run()
+        files = [
+            (str(paths[kind]), hashes, digests[kind])
+            for kind, hashes in zip(KINDS, (token_hash, offset_hash), strict=True)
+        ]
+        if in_bucket:  # the offsets are in memory already: hashed once, before they are used
+            ShardCheck(files[1:]).run()
+            files = files[:1]
+        check = ShardCheck(files, lazy=not in_bucket)
         consistent = (
             tokens.ndim == 1
             and tokens.dtype.kind in "iu"

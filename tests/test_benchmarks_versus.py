@@ -65,7 +65,7 @@ def test_the_ceiling_finds_every_dot_of_the_step_forward_and_backward() -> None:
     # 64-row block whole and recomputes the scores in the backward pass, so its dots hold more.
     model_flops = flops_per_token(cfg.model) * tokens
     assert model_flops < ceiling.flops < 1.1 * model_flops
-    assert {str(row["lhs"]).split("[")[0] for row in ceiling.table()} == {"bfloat16", "float32"}
+    assert {str(dot.lhs.dtype) for dot, *_ in ceiling.entries} == {"bfloat16", "float32"}
     ceiling.sample(repeats=1)
     assert 0 < ceiling.seconds < math.inf
 

@@ -100,18 +100,3 @@ class Ceiling:
     @property
     def seconds(self) -> float:
         return sum(e[1] * s for e, s in zip(self.entries, self.best, strict=True))
-
-    def table(self) -> list[dict[str, Any]]:
-        """The distinct dots, slowest total first: shapes, count, best ms, GFLOP/s alone."""
-        rows = [
-            {
-                "lhs": f"{dot.lhs.dtype}{list(dot.lhs.shape)}",
-                "rhs": f"{dot.rhs.dtype}{list(dot.rhs.shape)}",
-                "contract": str(dot.dimensions[0]),
-                "count": count,
-                "ms": 1e3 * best,
-                "GFLOP/s": dot.flops / best / 1e9,
-            }
-            for (dot, count, *_), best in zip(self.entries, self.best, strict=True)
-        ]
-        return sorted(rows, key=lambda r: -r["count"] * r["ms"])

@@ -96,8 +96,13 @@ def training(
         cfg = run_config(preset, dtype, steps)
         step, state, compile_s = compile_step(cfg)
         runs.append(
-            {"cfg": cfg, "step": step, "state": state, "batches": batches(cfg, steps)}
-            | {"compile s": compile_s}
+            {
+                "cfg": cfg,
+                "step": step,
+                "state": state,
+                "batches": batches(cfg, steps),
+                "compile s": compile_s,
+            }
         )
     rows = race(runs, steps, torch_python)
     for row, run in zip(rows, runs, strict=True):
